@@ -1,0 +1,361 @@
+//! A link is a byte stream carrying [`Message`]s: the helper socket or an iroh
+//! stream. This module holds the hello handshake both ends perform and the
+//! requesting end's multiplexer, which keeps many requests in flight and
+//! matches replies by id.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{CodecError, MessageCodec};
+use crate::proto::{Event, Hello, Message, Reply, Request, RequestId, UsbError};
+
+/// How long a peer may take to say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages queued for the writer before senders wait.
+const OUTGOING_QUEUE: usize = 256;
+/// Events buffered for a slow consumer before further ones are dropped.
+const EVENT_QUEUE: usize = 256;
+
+/// Why a link could not be set up or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("peer did not say hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("peer's first message was not a hello")]
+    NotHello,
+    #[error(transparent)]
+    Incompatible(UsbError),
+}
+
+/// Sends our hello and waits for the peer's. Both ends call this first.
+pub async fn handshake<R, W>(
+    reader: &mut FramedRead<R, MessageCodec>,
+    writer: &mut FramedWrite<W, MessageCodec>,
+    software: &str,
+) -> Result<Hello, LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer.send(Message::Hello(Hello::new(software))).await?;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next())
+        .await
+        .map_err(|_| LinkError::HelloTimeout(HELLO_TIMEOUT))?;
+    match first {
+        Some(Ok(Ok(Message::Hello(hello)))) => {
+            hello.check_compatible().map_err(LinkError::Incompatible)?;
+            Ok(hello)
+        }
+        Some(Ok(_)) => Err(LinkError::NotHello),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(LinkError::Closed),
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<RequestId, oneshot::Sender<Result<Reply, UsbError>>>>>;
+
+/// The requesting end of a link. Cheap to clone; all clones share the link.
+#[derive(Debug, Clone)]
+pub struct LinkClient {
+    outgoing: mpsc::Sender<Message>,
+    waiters: Waiters,
+    /// Cancelled by the reader when the link ends; stops the writer.
+    closed: CancellationToken,
+    next_id: Arc<AtomicU64>,
+    peer: Arc<Hello>,
+}
+
+/// The error every request sees once the link is gone.
+pub fn link_lost() -> UsbError {
+    UsbError::Io("link to peer lost".into())
+}
+
+impl LinkClient {
+    /// Performs the handshake on `reader`/`writer` and starts the link's
+    /// reader and writer tasks. Events pushed by the peer arrive on the
+    /// returned receiver; if it is not drained, further events are dropped
+    /// (with a warning) rather than stalling replies.
+    pub async fn start<R, W>(
+        reader: R,
+        writer: W,
+        software: &str,
+    ) -> Result<(LinkClient, mpsc::Receiver<Event>), LinkError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut reader = FramedRead::new(reader, MessageCodec::default());
+        let mut writer = FramedWrite::new(writer, MessageCodec::default());
+        let peer = handshake(&mut reader, &mut writer, software).await?;
+
+        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let waiters: Waiters = Arc::default();
+        let closed = CancellationToken::new();
+        tokio::spawn(write_loop(writer, outgoing_rx, closed.clone()));
+        tokio::spawn(read_loop(
+            reader,
+            waiters.clone(),
+            events_tx,
+            outgoing.clone(),
+            closed.clone(),
+        ));
+        Ok((
+            LinkClient {
+                outgoing,
+                waiters,
+                closed,
+                next_id: Arc::new(AtomicU64::new(1)),
+                peer: Arc::new(peer),
+            },
+            events,
+        ))
+    }
+
+    /// The peer's hello.
+    pub fn peer(&self) -> &Hello {
+        &self.peer
+    }
+
+    /// True once the link is gone.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves when the link is gone.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Closes the link from this end; pending requests fail.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn request(&self, body: Request) -> Result<Reply, UsbError> {
+        self.start_request(body).await.1.await
+    }
+
+    /// Sends a request and returns its id (for `Cancel`) with the future
+    /// of its reply. The request is on its way when this returns.
+    pub async fn start_request(
+        &self,
+        body: Request,
+    ) -> (
+        RequestId,
+        impl Future<Output = Result<Reply, UsbError>> + use<>,
+    ) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters lock").insert(id, tx);
+        // The reader cancels `closed` before failing the waiters, so a waiter
+        // inserted after that is caught here; dropping it fails the request.
+        if self.closed.is_cancelled()
+            || self
+                .outgoing
+                .send(Message::Request { id, body })
+                .await
+                .is_err()
+        {
+            self.waiters.lock().expect("waiters lock").remove(&id);
+        }
+        (
+            id,
+            async move { rx.await.unwrap_or_else(|_| Err(link_lost())) },
+        )
+    }
+}
+
+/// Writes queued messages until the link closes. Shared by both ends of a link.
+pub async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: FramedWrite<W, MessageCodec>,
+    mut outgoing: mpsc::Receiver<Message>,
+    closed: CancellationToken,
+) {
+    // Feed everything already queued, then flush once: one syscall for a burst.
+    loop {
+        let first = tokio::select! {
+            message = outgoing.recv() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            _ = closed.cancelled() => break,
+        };
+        if let Err(e) = write_burst(&mut writer, first, &mut outgoing).await {
+            tracing::debug!("link write failed: {e}");
+            break;
+        }
+    }
+    closed.cancel();
+    // Say goodbye properly where the transport allows it (ends the stream).
+    let _ = futures_util::SinkExt::<Message>::close(&mut writer).await;
+}
+
+async fn write_burst<W: AsyncWrite + Unpin>(
+    writer: &mut FramedWrite<W, MessageCodec>,
+    first: Message,
+    outgoing: &mut mpsc::Receiver<Message>,
+) -> Result<(), CodecError> {
+    writer.feed(first).await?;
+    while let Ok(next) = outgoing.try_recv() {
+        writer.feed(next).await?;
+    }
+    writer.flush().await
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: FramedRead<R, MessageCodec>,
+    waiters: Waiters,
+    events: mpsc::Sender<Event>,
+    outgoing: mpsc::Sender<Message>,
+    closed: CancellationToken,
+) {
+    loop {
+        let frame = tokio::select! {
+            frame = reader.next() => match frame {
+                Some(frame) => frame,
+                None => break,
+            },
+            _ = closed.cancelled() => break,
+        };
+        match frame {
+            Ok(Ok(Message::Reply { id, body })) => {
+                if let Some(waiter) = waiters.lock().expect("waiters lock").remove(&id) {
+                    let _ = waiter.send(body);
+                }
+            }
+            Ok(Ok(Message::Event(event))) => {
+                if let Err(mpsc::error::TrySendError::Full(event)) = events.try_send(event) {
+                    tracing::warn!(?event, "event consumer is not keeping up; dropping event");
+                }
+            }
+            Ok(Ok(Message::Request { id, body })) => {
+                let answer = Message::Reply {
+                    id,
+                    body: Err(UsbError::Unsupported(format!(
+                        "{} requests are not served on this end of the link",
+                        body.kind()
+                    ))),
+                };
+                let _ = outgoing.try_send(answer);
+            }
+            Ok(Ok(Message::Hello(_))) => {
+                tracing::warn!("peer sent a second hello; ignoring it");
+            }
+            Ok(Err(malformed)) => {
+                tracing::warn!("peer sent a malformed message: {malformed}");
+            }
+            Err(e) => {
+                tracing::warn!("link failed: {e}");
+                break;
+            }
+        }
+    }
+    // Stop the writer, then fail every request still waiting.
+    closed.cancel();
+    waiters.lock().expect("waiters lock").clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Completion;
+    use bytes::Bytes;
+
+    /// A tiny server that answers every request with its id as data, in
+    /// reverse order of arrival per batch of two, to prove replies are matched by id.
+    async fn serve(stream: tokio::net::UnixStream) {
+        let (r, w) = stream.into_split();
+        let mut reader = FramedRead::new(r, MessageCodec::default());
+        let mut writer = FramedWrite::new(w, MessageCodec::default());
+        handshake(&mut reader, &mut writer, "test-server")
+            .await
+            .unwrap();
+        let mut held: Option<RequestId> = None;
+        while let Some(Ok(Ok(Message::Request { id, .. }))) = reader.next().await {
+            let reply = |id: RequestId| Message::Reply {
+                id,
+                body: Ok(Reply::Transferred(Completion {
+                    actual_length: 8,
+                    data: Bytes::copy_from_slice(&id.to_be_bytes()),
+                })),
+            };
+            match held.take() {
+                None => held = Some(id),
+                Some(first) => {
+                    writer.send(reply(id)).await.unwrap();
+                    writer.send(reply(first)).await.unwrap();
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_are_matched_by_id_when_out_of_order() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        tokio::spawn(serve(b));
+        let (r, w) = a.into_split();
+        let (client, _events) = LinkClient::start(r, w, "test-client").await.unwrap();
+        assert!(client.peer().software.starts_with("test-server"));
+        let mut pending = Vec::new();
+        for _ in 0..10 {
+            pending.push(client.start_request(Request::ListDevices).await);
+        }
+        for (id, reply) in pending {
+            match reply.await.unwrap() {
+                Reply::Transferred(c) => assert_eq!(c.data[..], id.to_be_bytes()),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn pending_requests_fail_when_the_link_drops() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let server = tokio::spawn(async move {
+            let (r, w) = b.into_split();
+            let mut reader = FramedRead::new(r, MessageCodec::default());
+            let mut writer = FramedWrite::new(w, MessageCodec::default());
+            handshake(&mut reader, &mut writer, "s").await.unwrap();
+            reader.next().await; // read one request, then hang up
+        });
+        let (r, w) = a.into_split();
+        let (client, _events) = LinkClient::start(r, w, "c").await.unwrap();
+        let result = client.request(Request::ListDevices).await;
+        assert_eq!(result, Err(link_lost()));
+        server.await.unwrap();
+        client.closed().await;
+        assert!(client.is_closed());
+    }
+
+    #[tokio::test]
+    async fn handshake_rejects_a_peer_that_does_not_say_hello() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let mut writer = FramedWrite::new(b, MessageCodec::default());
+            writer
+                .send(Message::Event(Event::ShuttingDown { reason: "x".into() }))
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+        let (r, w) = a.into_split();
+        let err = LinkClient::start(r, w, "c").await.unwrap_err();
+        assert!(matches!(err, LinkError::NotHello), "{err}");
+    }
+}
