@@ -184,6 +184,22 @@ pub struct ServerConfig {
     pub iroh: IrohSection,
 }
 
+/// The server configuration to read: the one given on the command line, else
+/// the systemd credential `server.toml` (how the units pass the root-only
+/// `/etc/p2p-usb/server.toml` to their unprivileged users), else the default.
+pub fn server_config_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path.to_path_buf();
+    }
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let credential = Path::new(&dir).join("server.toml");
+        if credential.exists() {
+            return credential;
+        }
+    }
+    PathBuf::from(DEFAULT_SERVER_CONFIG)
+}
+
 /// Loads and checks the server configuration.
 pub fn load_server_config(path: &Path) -> Result<ConfigFile<ServerConfig>, ConfigError> {
     let file = ConfigFile::<ServerConfig>::load(path)?;

@@ -1,0 +1,130 @@
+//! Talking to devices over a link, the way the agent and client do.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use p2p_usb_common::link::LinkClient;
+use p2p_usb_common::proto::{
+    Completion, DeviceInfo, DeviceKey, Event, Handle, Reply, Request, RequestId, SetupPacket,
+    Transfer, TransferData, TransferFlags, UsbError,
+};
+use tokio::sync::mpsc;
+
+/// Connects to a helper socket and performs the hello.
+pub async fn connect(socket: &Path) -> (LinkClient, mpsc::Receiver<Event>) {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    let (r, w) = stream.into_split();
+    LinkClient::start(r, w, "p2p-usb-tests")
+        .await
+        .expect("hello")
+}
+
+/// Lists devices.
+pub async fn list(link: &LinkClient) -> Vec<DeviceInfo> {
+    match link.request(Request::ListDevices).await {
+        Ok(Reply::Devices(devices)) => devices,
+        other => panic!("ListDevices: {other:?}"),
+    }
+}
+
+/// The listed device with this VID:PID.
+pub async fn find(link: &LinkClient, vid: u16, pid: u16) -> DeviceInfo {
+    list(link)
+        .await
+        .into_iter()
+        .find(|d| d.key.vid == vid && d.key.pid == pid)
+        .unwrap_or_else(|| panic!("no device {vid:04x}:{pid:04x}"))
+}
+
+/// Opens a device, returning its handle.
+pub async fn open(link: &LinkClient, key: &DeviceKey) -> Result<Handle, UsbError> {
+    match link.request(Request::Open { key: key.clone() }).await? {
+        Reply::Opened { handle, .. } => Ok(handle),
+        other => panic!("Open: {other:?}"),
+    }
+}
+
+/// A bulk/interrupt transfer description.
+pub fn transfer(handle: Handle, endpoint: u8, data: TransferData) -> Transfer {
+    Transfer {
+        handle,
+        endpoint,
+        setup: None,
+        data,
+        flags: TransferFlags::default(),
+        timeout_ms: None,
+    }
+}
+
+/// Submits a transfer and returns its id and the future of its completion.
+pub async fn start(
+    link: &LinkClient,
+    t: Transfer,
+) -> (
+    RequestId,
+    impl Future<Output = Result<Completion, UsbError>> + use<>,
+) {
+    let (id, reply) = link.start_request(Request::Submit(t)).await;
+    (id, async move {
+        match reply.await? {
+            Reply::Transferred(c) => Ok(c),
+            other => panic!("Submit: {other:?}"),
+        }
+    })
+}
+
+/// Runs one transfer to completion.
+pub async fn run(link: &LinkClient, t: Transfer) -> Result<Completion, UsbError> {
+    start(link, t).await.1.await
+}
+
+/// A control transfer on endpoint 0.
+pub async fn control(
+    link: &LinkClient,
+    handle: Handle,
+    request_type: u8,
+    request: u8,
+    value: u16,
+    index: u16,
+    data: TransferData,
+) -> Result<Completion, UsbError> {
+    let setup = SetupPacket {
+        request_type,
+        request,
+        value,
+        index,
+        length: data.len() as u16,
+    };
+    run(
+        link,
+        Transfer {
+            handle,
+            endpoint: if setup.is_in() { 0x80 } else { 0x00 },
+            setup: Some(setup),
+            data,
+            flags: TransferFlags::default(),
+            timeout_ms: Some(5000),
+        },
+    )
+    .await
+}
+
+/// Bytes to send OUT.
+pub fn out(bytes: impl Into<Bytes>) -> TransferData {
+    TransferData::Out(bytes.into())
+}
+
+/// An IN request of `length` bytes.
+pub fn input(length: u32) -> TransferData {
+    TransferData::In { length }
+}
+
+/// Waits for the next event of the link, with a timeout.
+pub async fn next_event(events: &mut mpsc::Receiver<Event>, timeout: std::time::Duration) -> Event {
+    tokio::time::timeout(timeout, events.recv())
+        .await
+        .expect("event within timeout")
+        .expect("link open")
+}

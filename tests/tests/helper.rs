@@ -1,0 +1,838 @@
+//! The real `p2p-usb-helper` binary with the sim backend, started the way
+//! systemd starts it, driven over its real socket.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use p2p_usb_common::proto::{
+    Event, Message, Reply, Request, SetupPacket, TransferData, UsbError, std_request,
+};
+use p2p_usb_helper::sim::{keyboard, zero};
+use p2p_usb_tests::usb::{self, control, input, out, transfer};
+use p2p_usb_tests::*;
+use rand::{Rng, RngCore};
+
+const ZERO: (u16, u16) = (0x0525, 0xa4a0);
+const KEYBOARD: (u16, u16) = (0x0525, 0xa4ac);
+
+#[test]
+fn socket_activation_ready_status_watchdog_and_stopping() {
+    let mut helper = start_activated_helper("", Some(1_000_000));
+    // systemd-socket-activate starts the helper on the first connection.
+    let probe = std::os::unix::net::UnixStream::connect(&helper.socket).unwrap();
+    let ready = helper.notify.wait_for("READY=1", Duration::from_secs(10));
+    assert!(ready.has("STATUS=2 devices, 0 open, 0 peers"), "{ready:?}");
+    drop(probe);
+
+    // WATCHDOG_USEC=1s: a ping every 0.5 s while healthy.
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_millis(3200));
+    let pings = helper.notify.count_since("WATCHDOG=1", since);
+    assert!((4..=9).contains(&pings), "{pings} pings in 3.2 s");
+
+    helper.process.signal(Signal::SIGTERM);
+    helper.notify.wait_for("STOPPING=1", Duration::from_secs(5));
+    let status = helper
+        .process
+        .wait_timeout(Duration::from_secs(6))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", helper.process.output());
+}
+
+#[test]
+fn status_line_counts_peers_and_open_devices() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        helper.notify.wait_for("READY=1", Duration::from_secs(10));
+        let kbd = usb::find(&link, KEYBOARD.0, KEYBOARD.1).await;
+        usb::open(&link, &kbd.key).await.unwrap();
+        helper
+            .notify
+            .wait_for("STATUS=2 devices, 1 open, 1 peer", Duration::from_secs(5));
+    });
+}
+
+#[test]
+fn stopped_process_sends_no_watchdog_pings() {
+    let helper = start_activated_helper("", Some(1_000_000));
+    let _probe = std::os::unix::net::UnixStream::connect(&helper.socket).unwrap();
+    helper
+        .notify
+        .wait_for("WATCHDOG=1", Duration::from_secs(10));
+    helper.process.signal(Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(100));
+    let stopped_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(helper.notify.count_since("WATCHDOG=1", stopped_at), 0);
+    helper.process.signal(Signal::SIGCONT);
+    let resumed = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(helper.notify.count_since("WATCHDOG=1", resumed) >= 1);
+}
+
+#[test]
+fn hung_usb_thread_withholds_watchdog_pings() {
+    let helper = start_activated_helper("", Some(1_000_000));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        helper
+            .notify
+            .wait_for("WATCHDOG=1", Duration::from_secs(10));
+        let dev = usb::find(&link, ZERO.0, ZERO.1).await;
+        let handle = usb::open(&link, &dev.key).await.unwrap();
+        // The process stays up and its socket keeps answering, but the
+        // simulated USB thread hangs for 4 s: no pings may go out meanwhile.
+        control(
+            &link,
+            handle,
+            zero::control::VENDOR_OUT,
+            zero::control::FREEZE,
+            4,
+            0,
+            out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let frozen = Instant::now();
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert_eq!(
+            helper.notify.count_since("WATCHDOG=1", frozen),
+            0,
+            "pings while hung"
+        );
+        assert!(!usb::list(&link).await.is_empty(), "main loop still serves");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let recovered = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            helper.notify.count_since("WATCHDOG=1", recovered) >= 1,
+            "pings resume"
+        );
+    });
+}
+
+/// Connects, and reports whether the helper said hello (accepted) or closed
+/// the connection without a word (rejected).
+fn helper_says_hello(socket: &std::path::Path) -> bool {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).is_ok()
+}
+
+#[test]
+fn peers_outside_the_allowed_users_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("helper.sock");
+    // Allow only some other uid: this test process is then the outsider.
+    let config = write_sim_config(dir.path(), &socket, NOBODY - 1, "");
+    let helper = start_listening_helper(dir.path(), &config, &socket, None);
+    wait_for_path(&socket, Duration::from_secs(10));
+    assert!(!helper_says_hello(&socket), "rejected before any byte");
+    assert!(
+        helper.output().contains("rejected peer"),
+        "{}",
+        helper.output()
+    );
+}
+
+#[test]
+fn peer_running_as_another_uid_is_rejected_and_allowed_peers_still_served() {
+    if !is_root() {
+        eprintln!(
+            "needs root to run a peer under another uid; covered by peers_outside_the_allowed_users_are_rejected"
+        );
+        return;
+    }
+    let helper = start_activated_helper("", None);
+    std::fs::set_permissions(helper.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&helper.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut outsider = Command::new(bin("p2p-usb-agent"));
+    outsider
+        .arg("--config")
+        .arg("/dev/null")
+        .arg("--helper-socket")
+        .arg(&helper.socket)
+        .arg("devices")
+        .uid(NOBODY)
+        .gid(NOBODY);
+    let result = outsider.output().unwrap();
+    assert!(!result.status.success(), "nobody was served");
+    assert!(
+        String::from_utf8_lossy(&result.stderr).contains("helper"),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(
+        helper_says_hello(&helper.socket),
+        "root (allowed) is still served"
+    );
+    assert!(helper.process.output().contains("rejected peer"));
+}
+
+fn raw_frame(body: &[u8]) -> Vec<u8> {
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+fn read_message(stream: &mut std::os::unix::net::UnixStream) -> Option<Message> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).ok()?;
+    Some(p2p_usb_common::codec::decode_body(&body).expect("helper sends valid messages"))
+}
+
+#[test]
+fn malformed_and_oversized_frames_do_not_hurt_other_peers() {
+    let helper = start_activated_helper("", None);
+    let hello = rmp_hello();
+
+    // A well-framed body that is not a message, then an unknown request kind:
+    // both answered with protocol errors, and the connection keeps working.
+    let mut a = std::os::unix::net::UnixStream::connect(&helper.socket).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    a.write_all(&raw_frame(&hello)).unwrap();
+    assert!(matches!(read_message(&mut a), Some(Message::Hello(_))));
+    a.write_all(&raw_frame(&[0xc1, 0xff, 0x00])).unwrap();
+    let unknown = unknown_request(77);
+    a.write_all(&raw_frame(&unknown)).unwrap();
+    match read_message(&mut a) {
+        Some(Message::Reply {
+            id: 77,
+            body: Err(UsbError::Protocol(reason)),
+        }) => {
+            assert!(reason.contains("Frobnicate"), "{reason}")
+        }
+        other => panic!("expected a protocol error for request 77, got {other:?}"),
+    }
+
+    // A frame announcing 1 GiB: the connection is closed, nothing allocated.
+    let mut b = std::os::unix::net::UnixStream::connect(&helper.socket).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    b.write_all(&raw_frame(&hello)).unwrap();
+    assert!(matches!(read_message(&mut b), Some(Message::Hello(_))));
+    b.write_all(&(1u32 << 30).to_be_bytes()).unwrap();
+    b.write_all(&[0u8; 64]).unwrap();
+    assert!(
+        read_message(&mut b).is_none(),
+        "oversized frame closes the link"
+    );
+
+    // Garbage before any hello also just closes that connection.
+    let mut c = std::os::unix::net::UnixStream::connect(&helper.socket).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let _ = read_message(&mut c);
+
+    // The first peer is still served.
+    let list = rmp_serde::to_vec(&Message::Request {
+        id: 78,
+        body: Request::ListDevices,
+    })
+    .unwrap();
+    a.write_all(&raw_frame(&list)).unwrap();
+    match read_message(&mut a) {
+        Some(Message::Reply {
+            id: 78,
+            body: Ok(Reply::Devices(devices)),
+        }) => assert_eq!(devices.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    assert!(helper.process.output().contains("frame exceeds the limit"));
+}
+
+fn rmp_hello() -> Vec<u8> {
+    rmp_serde::to_vec(&Message::Hello(p2p_usb_common::proto::Hello::new(
+        "raw-test",
+    )))
+    .unwrap()
+}
+
+fn unknown_request(id: u64) -> Vec<u8> {
+    use rmpv::Value;
+    let value = Value::Map(vec![(
+        Value::from("Request"),
+        Value::Array(vec![
+            Value::from(id),
+            Value::Map(vec![(Value::from("Frobnicate"), Value::Array(vec![]))]),
+        ]),
+    )]);
+    let mut raw = Vec::new();
+    rmpv::encode::write_value(&mut raw, &value).unwrap();
+    raw
+}
+
+/// Opens the Gadget Zero and switches it to its loopback configuration with
+/// a real SET_CONFIGURATION control transfer (mapped by the helper).
+async fn open_loopback(link: &p2p_usb_common::link::LinkClient) -> u32 {
+    let dev = usb::find(link, ZERO.0, ZERO.1).await;
+    let handle = usb::open(link, &dev.key).await.unwrap();
+    control(
+        link,
+        handle,
+        0x00,
+        std_request::SET_CONFIGURATION,
+        zero::CONFIG_LOOPBACK.into(),
+        0,
+        out(Bytes::new()),
+    )
+    .await
+    .unwrap();
+    let config = control(
+        link,
+        handle,
+        0x80,
+        std_request::GET_CONFIGURATION,
+        0,
+        0,
+        input(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&config.data[..], [zero::CONFIG_LOOPBACK]);
+    handle
+}
+
+#[test]
+fn bulk_loopback_keeps_data_and_order_with_many_transfers_in_flight() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        let handle = open_loopback(&link).await;
+        let mut rng = rand::rng();
+        let payloads: Vec<Bytes> = (0..64)
+            .map(|i| {
+                let len = if i % 9 == 0 {
+                    0
+                } else {
+                    rng.random_range(1..=64 * 1024)
+                };
+                let mut data = vec![0u8; len];
+                rng.fill_bytes(&mut data);
+                Bytes::from(data)
+            })
+            .collect();
+        // 32 INs in flight before any data exists, then the OUTs.
+        let mut reads = Vec::new();
+        for _ in 0..32 {
+            reads.push(
+                usb::start(&link, transfer(handle, zero::EP_IN, input(64 * 1024)))
+                    .await
+                    .1,
+            );
+        }
+        let mut writes = Vec::new();
+        for payload in &payloads {
+            writes.push(
+                usb::start(&link, transfer(handle, zero::EP_OUT, out(payload.clone())))
+                    .await
+                    .1,
+            );
+        }
+        for _ in 32..64 {
+            reads.push(
+                usb::start(&link, transfer(handle, zero::EP_IN, input(64 * 1024)))
+                    .await
+                    .1,
+            );
+        }
+        for (write, payload) in writes.into_iter().zip(&payloads) {
+            assert_eq!(write.await.unwrap().actual_length as usize, payload.len());
+        }
+        for (i, (read, payload)) in reads.into_iter().zip(&payloads).enumerate() {
+            let got = read.await.unwrap();
+            assert_eq!(got.actual_length as usize, payload.len(), "transfer {i}");
+            assert_eq!(got.data, *payload, "transfer {i} data");
+        }
+    });
+}
+
+#[test]
+fn keyboard_types_its_text_on_the_interrupt_endpoint() {
+    let helper = start_activated_helper("[sim]\nkeyboard_text = \"Hello p2p\\n\"\n", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        let dev = usb::find(&link, KEYBOARD.0, KEYBOARD.1).await;
+        let handle = usb::open(&link, &dev.key).await.unwrap();
+        let report_descriptor = control(
+            &link,
+            handle,
+            0x81,
+            std_request::GET_DESCRIPTOR,
+            0x2200,
+            0,
+            input(128),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            &report_descriptor.data[..],
+            &keyboard::REPORT_DESCRIPTOR[..]
+        );
+        control(&link, handle, 0x21, 0x0a, 0, 0, out(Bytes::new()))
+            .await
+            .unwrap();
+        let mut reports = Vec::new();
+        for _ in 0..20 {
+            let report = usb::run(&link, transfer(handle, keyboard::EP_REPORTS, input(8)))
+                .await
+                .unwrap();
+            reports.push(<[u8; 8]>::try_from(&report.data[..]).unwrap());
+        }
+        assert_eq!(keyboard::text_of_reports(&reports), "Hello p2p\n");
+        // Idle now: a poll stays pending until its timeout.
+        let mut idle = transfer(handle, keyboard::EP_REPORTS, input(8));
+        idle.timeout_ms = Some(200);
+        assert_eq!(usb::run(&link, idle).await.unwrap_err(), UsbError::Timeout);
+    });
+}
+
+#[test]
+fn stall_is_a_typed_error_and_clear_halt_recovers() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        let dev = usb::find(&link, ZERO.0, ZERO.1).await;
+        let handle = usb::open(&link, &dev.key).await.unwrap();
+        let read = || usb::run(&link, transfer(handle, zero::EP_IN, input(512)));
+        assert_eq!(
+            read().await.unwrap().data[..],
+            zero::expected_source_data(512)[..]
+        );
+        control(
+            &link,
+            handle,
+            zero::control::VENDOR_OUT,
+            zero::control::STALL_ENDPOINT,
+            zero::EP_IN.into(),
+            0,
+            out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(read().await.unwrap_err(), UsbError::Stall);
+        assert_eq!(read().await.unwrap_err(), UsbError::Stall, "stays halted");
+        let status = control(
+            &link,
+            handle,
+            0x82,
+            std_request::GET_STATUS,
+            0,
+            zero::EP_IN.into(),
+            input(2),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status.data[0], 1, "GET_STATUS reports the halt");
+        // CLEAR_FEATURE(ENDPOINT_HALT) as a host sends it.
+        control(
+            &link,
+            handle,
+            0x02,
+            std_request::CLEAR_FEATURE,
+            std_request::ENDPOINT_HALT,
+            zero::EP_IN.into(),
+            out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(read().await.unwrap().actual_length, 512);
+        // The explicit request does the same.
+        control(
+            &link,
+            handle,
+            zero::control::VENDOR_OUT,
+            zero::control::STALL_ENDPOINT,
+            zero::EP_IN.into(),
+            0,
+            out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(read().await.unwrap_err(), UsbError::Stall);
+        assert_eq!(
+            link.request(Request::ClearHalt {
+                handle,
+                endpoint: zero::EP_IN
+            })
+            .await
+            .unwrap(),
+            Reply::Done
+        );
+        assert!(read().await.is_ok());
+    });
+}
+
+#[test]
+fn unplug_fails_pending_transfers_and_replug_announces_the_device() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, mut events) = usb::connect(&helper.socket).await;
+        let handle = open_loopback(&link).await;
+        let key = usb::find(&link, ZERO.0, ZERO.1).await.key;
+        let mut pending = Vec::new();
+        for _ in 0..8 {
+            pending.push(
+                usb::start(&link, transfer(handle, zero::EP_IN, input(512)))
+                    .await
+                    .1,
+            );
+        }
+        control(
+            &link,
+            handle,
+            zero::control::VENDOR_OUT,
+            zero::control::UNPLUG,
+            500,
+            0,
+            out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+        for transfer in pending {
+            assert_eq!(transfer.await.unwrap_err(), UsbError::NoDevice);
+        }
+        assert_eq!(
+            usb::next_event(&mut events, Duration::from_secs(2)).await,
+            Event::DeviceLeft { key: key.clone() }
+        );
+        assert_eq!(
+            usb::run(&link, transfer(handle, zero::EP_IN, input(512)))
+                .await
+                .unwrap_err(),
+            UsbError::Invalid(format!("no open device with handle {handle}")),
+            "the stale handle is gone"
+        );
+        match usb::next_event(&mut events, Duration::from_secs(3)).await {
+            Event::DeviceArrived(device) => assert_eq!(device.key, key),
+            other => panic!("{other:?}"),
+        }
+        let again = usb::open(&link, &key).await.expect("reopen after replug");
+        assert!(
+            usb::run(&link, transfer(again, zero::EP_IN, input(512)))
+                .await
+                .is_ok()
+        );
+    });
+}
+
+#[test]
+fn cancel_cancels_one_transfer_and_spares_the_others() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        let handle = open_loopback(&link).await;
+        let (_, first) = usb::start(&link, transfer(handle, zero::EP_IN, input(512))).await;
+        let (victim, cancelled) =
+            usb::start(&link, transfer(handle, zero::EP_IN, input(512))).await;
+        let (_, third) = usb::start(&link, transfer(handle, zero::EP_IN, input(512))).await;
+        assert_eq!(
+            link.request(Request::Cancel { request: victim })
+                .await
+                .unwrap(),
+            Reply::Done
+        );
+        assert_eq!(cancelled.await.unwrap_err(), UsbError::Cancelled);
+        for data in [&b"one"[..], b"two"] {
+            usb::run(
+                &link,
+                transfer(handle, zero::EP_OUT, out(Bytes::copy_from_slice(data))),
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(&first.await.unwrap().data[..], b"one");
+        assert_eq!(&third.await.unwrap().data[..], b"two");
+    });
+}
+
+#[test]
+fn zero_length_packets_and_short_not_ok() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        let handle = open_loopback(&link).await;
+        let zlp = usb::run(&link, transfer(handle, zero::EP_OUT, out(Bytes::new())))
+            .await
+            .unwrap();
+        assert_eq!(zlp.actual_length, 0);
+        let read = usb::run(&link, transfer(handle, zero::EP_IN, input(512)))
+            .await
+            .unwrap();
+        assert_eq!(
+            read.actual_length, 0,
+            "the zero-length packet comes back as one"
+        );
+        usb::run(
+            &link,
+            transfer(handle, zero::EP_OUT, out(Bytes::from_static(b"short"))),
+        )
+        .await
+        .unwrap();
+        let mut strict = transfer(handle, zero::EP_IN, input(512));
+        strict.flags.short_not_ok = true;
+        assert_eq!(
+            usb::run(&link, strict).await.unwrap_err(),
+            UsbError::ShortPacket
+        );
+    });
+}
+
+#[test]
+fn isochronous_endpoints_are_refused_clearly() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        let dev = usb::find(&link, ZERO.0, ZERO.1).await;
+        let handle = usb::open(&link, &dev.key).await.unwrap();
+        control(
+            &link,
+            handle,
+            0x01,
+            std_request::SET_INTERFACE,
+            1,
+            0,
+            out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+        match usb::run(&link, transfer(handle, 0x82, input(1024))).await {
+            Err(UsbError::Unsupported(reason)) => {
+                assert!(reason.contains("isochronous"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn share_ceiling_hides_devices_outside_it() {
+    let helper = start_activated_helper("[[helper.share]]\nvid = 0x0525\npid = 0xa4ac\n", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        let devices = usb::list(&link).await;
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].key.pid, KEYBOARD.1);
+        let hidden: p2p_usb_common::proto::DeviceKey =
+            "1-1/0525:a4a0/p2p-usb-sim-zero".parse().unwrap();
+        assert!(matches!(
+            usb::open(&link, &hidden).await,
+            Err(UsbError::NotFound(_))
+        ));
+    });
+}
+
+#[test]
+fn a_device_is_held_by_one_connection_and_released_when_it_drops() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (first, _e1) = usb::connect(&helper.socket).await;
+        let (second, _e2) = usb::connect(&helper.socket).await;
+        let key = usb::find(&first, ZERO.0, ZERO.1).await.key;
+        let handle = open_loopback(&first).await;
+        let (_, pending) = usb::start(&first, transfer(handle, zero::EP_IN, input(512))).await;
+        assert!(matches!(
+            usb::open(&second, &key).await,
+            Err(UsbError::Busy(_))
+        ));
+        first.close();
+        assert!(pending.await.is_err());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match usb::open(&second, &key).await {
+                Ok(_) => break,
+                Err(UsbError::Busy(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+}
+
+#[test]
+fn control_requests_reach_the_device_descriptors() {
+    let helper = start_activated_helper("", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&helper.socket).await;
+        let dev = usb::find(&link, ZERO.0, ZERO.1).await;
+        let handle = usb::open(&link, &dev.key).await.unwrap();
+        let descriptor = control(
+            &link,
+            handle,
+            0x80,
+            std_request::GET_DESCRIPTOR,
+            0x0100,
+            0,
+            input(18),
+        )
+        .await
+        .unwrap();
+        assert_eq!(descriptor.data, dev.descriptor.raw);
+        let product = control(
+            &link,
+            handle,
+            0x80,
+            std_request::GET_DESCRIPTOR,
+            0x0302,
+            0x0409,
+            input(255),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            p2p_usb_common::descriptors::parse_string(&product.data).unwrap(),
+            "Gadget Zero"
+        );
+        let written = Bytes::from_static(b"control write test");
+        control(
+            &link,
+            handle,
+            zero::control::VENDOR_OUT,
+            zero::control::WRITE_BUFFER,
+            0,
+            0,
+            out(written.clone()),
+        )
+        .await
+        .unwrap();
+        let read = control(
+            &link,
+            handle,
+            zero::control::VENDOR_IN,
+            zero::control::READ_BUFFER,
+            0,
+            0,
+            input(64),
+        )
+        .await
+        .unwrap();
+        assert_eq!(read.data, written);
+        let unknown = control(
+            &link,
+            handle,
+            zero::control::VENDOR_IN,
+            0x77,
+            0,
+            0,
+            input(4),
+        )
+        .await;
+        assert_eq!(unknown.unwrap_err(), UsbError::Stall);
+        // A malformed transfer is refused before it reaches the device.
+        let bad = usb::run(
+            &link,
+            p2p_usb_common::proto::Transfer {
+                setup: Some(SetupPacket {
+                    request_type: 0x80,
+                    request: 6,
+                    value: 0x100,
+                    index: 0,
+                    length: 4,
+                }),
+                ..transfer(handle, 0x80, TransferData::In { length: 64 })
+            },
+        )
+        .await;
+        assert!(matches!(bad, Err(UsbError::Invalid(_))), "{bad:?}");
+    });
+}
+
+#[test]
+fn helper_refuses_root_and_bad_configuration_with_distinct_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("helper.sock");
+    let config = write_sim_config(dir.path(), &socket, 0, "");
+    if is_root() {
+        let refused = Command::new(bin("p2p-usb-helper"))
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(p2p_usb_common::exit::NOPERM));
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("refusing to run as root"));
+    }
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[helper]\nbackend = \"sim\"\nbackedn = \"nusb\"\n").unwrap();
+    let failed = Command::new(bin("p2p-usb-helper"))
+        .arg("--config")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(p2p_usb_common::exit::CONFIG));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "Failed to load configuration: {}:3:",
+            broken.display()
+        )) && stderr.contains("backedn"),
+        "{stderr}"
+    );
+    let missing = Command::new(bin("p2p-usb-helper"))
+        .arg("--config")
+        .arg(dir.path().join("nope.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(p2p_usb_common::exit::CONFIG));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("Failed to load configuration"));
+}
+
+#[test]
+fn helper_runs_unprivileged_with_no_capabilities() {
+    if !is_root() {
+        eprintln!("needs root to start the helper as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.path().join("helper.sock");
+    let config = write_sim_config(dir.path(), &socket, 0, "");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut command = Command::new(bin("p2p-usb-helper"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .uid(NOBODY)
+        .gid(NOBODY);
+    let helper = Process::spawn(command, dir.path().join("helper.log"));
+    wait_for_path(&socket, Duration::from_secs(10));
+    let log = helper.output();
+    assert!(
+        log.contains(&format!("uid={NOBODY} euid={NOBODY}")),
+        "{log}"
+    );
+    assert!(log.contains("effective caps=[] permitted caps=[]"), "{log}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", helper.pid())).unwrap();
+    let cap_eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    assert!(cap_eff.ends_with("0000000000000000"), "{cap_eff}");
+    assert!(
+        status.lines().any(|l| l.starts_with("NoNewPrivs:\t1")),
+        "{status}"
+    );
+    // It serves root (allowed_users = [0]) while running as nobody.
+    assert!(helper_says_hello(&socket));
+}

@@ -1,0 +1,163 @@
+//! The two device backends behind one interface: real devices through usbfs
+//! (`nusb`) and the built-in simulated devices. The server never knows which
+//! one it talks to.
+
+use std::time::Duration;
+
+use p2p_usb_common::config::{BackendKind, ServerConfig};
+use p2p_usb_common::proto::{DeviceInfo, DeviceKey, RequestId, Transfer, UsbError};
+use tokio::sync::broadcast;
+
+use crate::sim::{SimBackend, SimDevice};
+use crate::transfer::ReplySink;
+use crate::usbfs::{UsbfsBackend, UsbfsDevice};
+
+/// A device appeared or disappeared.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendEvent {
+    Arrived(DeviceInfo),
+    Left(DeviceKey),
+}
+
+/// How long the backend's USB thread may take to answer a liveness check.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The device source this helper runs.
+pub enum Backend {
+    Sim(SimBackend),
+    Usbfs(UsbfsBackend),
+}
+
+/// Why a backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("USB backend: {0}")]
+    Usbfs(String),
+}
+
+impl Backend {
+    /// Starts the backend named in the configuration.
+    pub fn start(config: &ServerConfig) -> Result<Backend, BackendError> {
+        Ok(match config.helper.backend {
+            BackendKind::Sim => Backend::Sim(SimBackend::start(&config.sim)),
+            BackendKind::Nusb => Backend::Usbfs(UsbfsBackend::start()?),
+        })
+    }
+
+    /// Which backend this is, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Sim(_) => "sim",
+            Backend::Usbfs(_) => "nusb",
+        }
+    }
+
+    /// Every device currently present (before the share ceiling).
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        match self {
+            Backend::Sim(b) => b.devices(),
+            Backend::Usbfs(b) => b.devices(),
+        }
+    }
+
+    /// Hotplug events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
+        match self {
+            Backend::Sim(b) => b.subscribe(),
+            Backend::Usbfs(b) => b.subscribe(),
+        }
+    }
+
+    /// Opens and claims a device: every interface of its active
+    /// configuration, with kernel drivers detached.
+    pub async fn open(&self, key: &DeviceKey) -> Result<Device, UsbError> {
+        match self {
+            Backend::Sim(b) => b.open(key).await.map(Device::Sim),
+            Backend::Usbfs(b) => b.open(key).await.map(Device::Usbfs),
+        }
+    }
+
+    /// True if the backend's USB machinery answers within [`HEALTH_TIMEOUT`].
+    pub async fn healthy(&self) -> bool {
+        match self {
+            Backend::Sim(b) => b.healthy().await,
+            Backend::Usbfs(b) => b.healthy().await,
+        }
+    }
+}
+
+/// An open, claimed device. Dropping it without [`Device::close`] still
+/// releases it, but `close` waits until the kernel drivers are back.
+pub enum Device {
+    Sim(SimDevice),
+    Usbfs(UsbfsDevice),
+}
+
+impl Device {
+    /// The device as it was when opened (active configuration kept current).
+    pub fn info(&self) -> DeviceInfo {
+        match self {
+            Device::Sim(d) => d.info(),
+            Device::Usbfs(d) => d.info(),
+        }
+    }
+
+    /// Queues a transfer. Transfers on one endpoint complete in submission
+    /// order; `reply` receives exactly one result.
+    pub fn submit(&self, transfer: Transfer, reply: ReplySink) {
+        match self {
+            Device::Sim(d) => d.submit(transfer, reply),
+            Device::Usbfs(d) => d.submit(transfer, reply),
+        }
+    }
+
+    /// Cancels the transfer submitted as request `id`, if it is still pending.
+    /// Its reply then reports `Cancelled` (or its result, if it had finished).
+    pub fn cancel(&self, id: RequestId) {
+        match self {
+            Device::Sim(d) => d.cancel(id),
+            Device::Usbfs(d) => d.cancel(id),
+        }
+    }
+
+    /// SET_CONFIGURATION, releasing and re-claiming interfaces around it.
+    pub async fn set_configuration(&self, value: u8) -> Result<(), UsbError> {
+        match self {
+            Device::Sim(d) => d.set_configuration(value).await,
+            Device::Usbfs(d) => d.set_configuration(value).await,
+        }
+    }
+
+    /// SET_INTERFACE.
+    pub async fn set_interface(&self, interface: u8, alt: u8) -> Result<(), UsbError> {
+        match self {
+            Device::Sim(d) => d.set_interface(interface, alt).await,
+            Device::Usbfs(d) => d.set_interface(interface, alt).await,
+        }
+    }
+
+    /// CLEAR_FEATURE(ENDPOINT_HALT) plus the host-side toggle reset.
+    pub async fn clear_halt(&self, endpoint: u8) -> Result<(), UsbError> {
+        match self {
+            Device::Sim(d) => d.clear_halt(endpoint).await,
+            Device::Usbfs(d) => d.clear_halt(endpoint).await,
+        }
+    }
+
+    /// Port reset, keeping the claim.
+    pub async fn reset(&self) -> Result<(), UsbError> {
+        match self {
+            Device::Sim(d) => d.reset().await,
+            Device::Usbfs(d) => d.reset().await,
+        }
+    }
+
+    /// Fails pending transfers with `Cancelled`, releases the interfaces and
+    /// gives the device back to its kernel drivers.
+    pub async fn close(&self) {
+        match self {
+            Device::Sim(d) => d.close().await,
+            Device::Usbfs(d) => d.close().await,
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! The helper's side of the helper socket: one long-lived listener, many agent
+//! connections over its life. Each connection is checked by kernel
+//! credentials before a byte is read, speaks the common vocabulary, and owns
+//! the devices it opened: when it drops, they are closed and given back.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use p2p_usb_common::access::{AccessList, PeerCredentials};
+use p2p_usb_common::codec::MessageCodec;
+use p2p_usb_common::config::ShareRule;
+use p2p_usb_common::link::{self, handshake};
+use p2p_usb_common::proto::{
+    Completion, DeviceInfo, DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Message, Reply, Request,
+    RequestId, Transfer, UsbError, std_request,
+};
+use p2p_usb_common::service::{self, LivenessRequests};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, BackendEvent, Device};
+use crate::transfer::ReplySink;
+
+/// Program name sent in the hello.
+pub const SOFTWARE: &str = "p2p-usb-helper";
+/// Bytes of transfers one connection may have in flight; further submits
+/// wait, which pushes back on the agent instead of growing memory.
+pub const IN_FLIGHT_BUDGET: usize = 64 * 1024 * 1024;
+/// Messages queued towards one connection.
+const OUTGOING_QUEUE: usize = 1024;
+/// How long connections get to release their devices on stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything connections share.
+pub struct Helper {
+    backend: Backend,
+    ceiling: Vec<ShareRule>,
+    access: AccessList,
+    /// Which connection holds each open device: a device is opened by one
+    /// connection at a time.
+    opened: Mutex<HashMap<DeviceKey, u64>>,
+    peers: AtomicUsize,
+}
+
+impl Helper {
+    /// A helper serving `backend`'s devices inside `ceiling` to peers in `access`.
+    pub fn new(backend: Backend, ceiling: Vec<ShareRule>, access: AccessList) -> Arc<Helper> {
+        Arc::new(Helper {
+            backend,
+            ceiling,
+            access,
+            opened: Mutex::default(),
+            peers: AtomicUsize::new(0),
+        })
+    }
+
+    /// True if the share ceiling lets agents see this device at all.
+    pub fn visible(&self, device: &DeviceInfo) -> bool {
+        self.ceiling.iter().any(|rule| rule.matches(device))
+    }
+
+    /// Devices agents may see.
+    pub fn visible_devices(&self) -> Vec<DeviceInfo> {
+        self.backend
+            .devices()
+            .into_iter()
+            .filter(|d| self.visible(d))
+            .collect()
+    }
+
+    /// The one-line state for `systemctl status`.
+    pub fn status_line(&self) -> String {
+        let devices = self.visible_devices().len();
+        let open = self.opened.lock().expect("opened lock").len();
+        let peers = self.peers.load(Ordering::Relaxed);
+        format!(
+            "{devices} device{}, {open} open, {peers} peer{}",
+            plural(devices),
+            plural(peers)
+        )
+    }
+
+    /// Serves `listener` until `stop` resolves, answering the watchdog's
+    /// liveness checks only while this loop and the USB backend both respond.
+    /// On stop every connection releases its devices (within [`STOP_GRACE`]).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        mut liveness: LivenessRequests,
+        stop: impl Future<Output = &'static str>,
+    ) {
+        let shutdown = CancellationToken::new();
+        let mut connections = JoinSet::new();
+        let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_status = String::new();
+        let mut next_connection = 1u64;
+        tokio::pin!(stop);
+        service::notify_ready(&self.status_line());
+        tracing::info!(
+            backend = self.backend.name(),
+            "ready: {}",
+            self.status_line()
+        );
+        let signal = loop {
+            tokio::select! {
+                signal = &mut stop => break signal,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let id = next_connection;
+                        next_connection += 1;
+                        connections.spawn(self.clone().connection(id, stream, shutdown.child_token()));
+                    }
+                    Err(e) => {
+                        tracing::error!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(check) = liveness.recv() => {
+                    let helper = self.clone();
+                    tokio::spawn(async move {
+                        if helper.backend.healthy().await {
+                            check.alive();
+                        } else {
+                            tracing::error!("USB backend did not answer the liveness check");
+                        }
+                    });
+                }
+                _ = status_tick.tick() => {
+                    let status = self.status_line();
+                    if status != last_status {
+                        service::notify_status(&status);
+                        last_status = status;
+                    }
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        };
+        tracing::info!("{signal}: stopping; releasing devices");
+        service::notify_stopping("stopping: releasing devices");
+        shutdown.cancel();
+        let drained = tokio::time::timeout(STOP_GRACE, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("connections did not finish within {STOP_GRACE:?}");
+        }
+    }
+
+    async fn connection(self: Arc<Self>, id: u64, stream: UnixStream, shutdown: CancellationToken) {
+        let peer = match PeerCredentials::of_unix_socket(&stream) {
+            Ok(peer) => peer,
+            Err(e) => {
+                tracing::warn!("cannot read peer credentials: {e}; closing");
+                return;
+            }
+        };
+        if !self.access.allows(&peer) {
+            tracing::warn!(peer = %peer, "rejected peer: not an allowed user or group");
+            return;
+        }
+        self.peers.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(peer = %peer, connection = id, "agent connected");
+        let reason = Connection::run(&self, id, stream, shutdown).await;
+        self.peers.fetch_sub(1, Ordering::Relaxed);
+        tracing::info!(peer = %peer, connection = id, "agent disconnected: {reason}");
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// One agent connection and the devices it holds.
+struct Connection<'a> {
+    helper: &'a Arc<Helper>,
+    id: u64,
+    outgoing: mpsc::Sender<Message>,
+    devices: HashMap<Handle, Arc<Device>>,
+    next_handle: Handle,
+    /// Devices announced to this peer, so `DeviceLeft` goes only where
+    /// `DeviceArrived` went.
+    announced: HashSet<DeviceKey>,
+    budget: Arc<Semaphore>,
+}
+
+impl<'a> Connection<'a> {
+    async fn run(
+        helper: &'a Arc<Helper>,
+        id: u64,
+        stream: UnixStream,
+        shutdown: CancellationToken,
+    ) -> String {
+        let (reader, writer) = stream.into_split();
+        let mut reader = FramedRead::new(reader, MessageCodec::default());
+        let mut writer = FramedWrite::new(writer, MessageCodec::default());
+        let mut hotplug = helper.backend.subscribe();
+        if let Err(e) = handshake(&mut reader, &mut writer, SOFTWARE).await {
+            return format!("handshake failed: {e}");
+        }
+        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
+        let writer_closed = CancellationToken::new();
+        let writer_task =
+            tokio::spawn(link::write_loop(writer, outgoing_rx, writer_closed.clone()));
+        let mut conn = Connection {
+            helper,
+            id,
+            outgoing,
+            devices: HashMap::new(),
+            next_handle: 1,
+            announced: helper
+                .visible_devices()
+                .into_iter()
+                .map(|d| d.key)
+                .collect(),
+            budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)),
+        };
+        let reason = loop {
+            tokio::select! {
+                frame = reader.next() => match frame {
+                    None => break "closed by peer".to_string(),
+                    Some(Err(e)) => break format!("closing: {e}"),
+                    Some(Ok(Err(malformed))) => {
+                        tracing::warn!(connection = id, "malformed message: {}", malformed.reason);
+                        if let Some(request) = malformed.request_id {
+                            conn.reply(request, Err(UsbError::Protocol(malformed.reason))).await;
+                        }
+                    }
+                    Some(Ok(Ok(Message::Request { id: request, body }))) => conn.handle(request, body).await,
+                    Some(Ok(Ok(other))) => {
+                        tracing::warn!(connection = id, "ignoring unexpected message {other:?}");
+                    }
+                },
+                event = next_hotplug(&mut hotplug, id) => conn.hotplug(event).await,
+                _ = writer_closed.cancelled() => break "peer stopped reading".to_string(),
+                _ = shutdown.cancelled() => {
+                    let _ = conn.outgoing.send(Message::Event(Event::ShuttingDown {
+                        reason: "helper is stopping".into(),
+                    })).await;
+                    break "helper stopping".to_string();
+                }
+            }
+        };
+        conn.close_all().await;
+        drop(conn);
+        let _ = writer_task.await;
+        reason
+    }
+
+    async fn reply(&self, id: RequestId, body: Result<Reply, UsbError>) {
+        let _ = self.outgoing.send(Message::Reply { id, body }).await;
+    }
+
+    async fn handle(&mut self, id: RequestId, request: Request) {
+        match request {
+            Request::ListDevices => {
+                let devices = self.helper.visible_devices();
+                self.reply(id, Ok(Reply::Devices(devices))).await;
+            }
+            Request::Open { key } => {
+                let result = self.open(key).await;
+                self.reply(id, result).await;
+            }
+            Request::Close { handle } => {
+                let result = match self.devices.remove(&handle) {
+                    Some(device) => {
+                        self.release(&device).await;
+                        Ok(Reply::Done)
+                    }
+                    None => Err(unknown_handle(handle)),
+                };
+                self.reply(id, result).await;
+            }
+            Request::Submit(transfer) => self.submit(id, transfer).await,
+            Request::Cancel { request } => {
+                for device in self.devices.values() {
+                    device.cancel(request);
+                }
+                self.reply(id, Ok(Reply::Done)).await;
+            }
+            Request::SetConfiguration { handle, .. }
+            | Request::SetInterface { handle, .. }
+            | Request::ClearHalt { handle, .. }
+            | Request::Reset { handle } => {
+                let Some(device) = self.devices.get(&handle).cloned() else {
+                    return self.reply(id, Err(unknown_handle(handle))).await;
+                };
+                let outgoing = self.outgoing.clone();
+                tokio::spawn(async move {
+                    let body = device_operation(&device, &request)
+                        .await
+                        .map(|()| Reply::Done);
+                    let _ = outgoing.send(Message::Reply { id, body }).await;
+                });
+            }
+        }
+    }
+
+    async fn open(&mut self, key: DeviceKey) -> Result<Reply, UsbError> {
+        let visible = self
+            .helper
+            .backend
+            .devices()
+            .into_iter()
+            .any(|d| d.key == key && self.helper.visible(&d));
+        if !visible {
+            // Outside the ceiling a device does not exist for the agent.
+            return Err(UsbError::NotFound(key.to_string()));
+        }
+        {
+            let mut opened = self.helper.opened.lock().expect("opened lock");
+            if let Some(holder) = opened.get(&key) {
+                return Err(UsbError::Busy(if *holder == self.id {
+                    format!("{key} is already open on this connection")
+                } else {
+                    format!("{key} is open on another connection")
+                }));
+            }
+            opened.insert(key.clone(), self.id);
+        }
+        match self.helper.backend.open(&key).await {
+            Ok(device) => {
+                let handle = self.next_handle;
+                self.next_handle += 1;
+                let info = device.info();
+                self.devices.insert(handle, Arc::new(device));
+                tracing::info!(device = %key, connection = self.id, handle, "device opened");
+                Ok(Reply::Opened {
+                    handle,
+                    device: info,
+                })
+            }
+            Err(e) => {
+                self.helper.opened.lock().expect("opened lock").remove(&key);
+                tracing::warn!(device = %key, "open failed: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    async fn submit(&mut self, id: RequestId, transfer: Transfer) {
+        let Some(device) = self.devices.get(&transfer.handle).cloned() else {
+            return self.reply(id, Err(unknown_handle(transfer.handle))).await;
+        };
+        if let Some(request) = special_request(&transfer) {
+            // The USB core's own requests become the real operations, as in
+            // usbip-host; passing them through raw would desynchronise the
+            // host's view of the device.
+            let outgoing = self.outgoing.clone();
+            tokio::spawn(async move {
+                let body = device_operation(&device, &request).await.map(|()| {
+                    Reply::Transferred(Completion {
+                        actual_length: 0,
+                        data: Bytes::new(),
+                    })
+                });
+                let _ = outgoing.send(Message::Reply { id, body }).await;
+            });
+            return;
+        }
+        let cost = transfer.data.len().clamp(1, MAX_TRANSFER_LEN);
+        let Ok(permit) = self.budget.clone().acquire_many_owned(cost).await else {
+            return;
+        };
+        device.submit(
+            transfer,
+            ReplySink::new(id, self.outgoing.clone(), Some(permit)),
+        );
+    }
+
+    async fn hotplug(&mut self, event: BackendEvent) {
+        match event {
+            BackendEvent::Arrived(device) if self.helper.visible(&device) => {
+                self.announced.insert(device.key.clone());
+                let _ = self
+                    .outgoing
+                    .try_send(Message::Event(Event::DeviceArrived(device)));
+            }
+            BackendEvent::Arrived(_) => {}
+            BackendEvent::Left(key) => {
+                let stale: Vec<Handle> = self
+                    .devices
+                    .iter()
+                    .filter(|(_, d)| d.info().key == key)
+                    .map(|(h, _)| *h)
+                    .collect();
+                for handle in stale {
+                    if let Some(device) = self.devices.remove(&handle) {
+                        self.release(&device).await;
+                    }
+                }
+                if self.announced.remove(&key) {
+                    let _ = self
+                        .outgoing
+                        .try_send(Message::Event(Event::DeviceLeft { key }));
+                }
+            }
+        }
+    }
+
+    async fn release(&self, device: &Device) {
+        let key = device.info().key;
+        device.close().await;
+        self.helper.opened.lock().expect("opened lock").remove(&key);
+        tracing::info!(device = %key, connection = self.id, "device released");
+    }
+
+    async fn close_all(&mut self) {
+        for (_, device) in std::mem::take(&mut self.devices) {
+            self.release(&device).await;
+        }
+    }
+}
+
+/// The next hotplug event; a lagging receiver skips what it missed (the
+/// agent re-lists on its own schedule) instead of blocking the backend.
+async fn next_hotplug(
+    events: &mut broadcast::Receiver<BackendEvent>,
+    connection: u64,
+) -> BackendEvent {
+    loop {
+        match events.recv().await {
+            Ok(event) => return event,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(connection, "missed {n} hotplug events");
+            }
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+fn unknown_handle(handle: Handle) -> UsbError {
+    UsbError::Invalid(format!("no open device with handle {handle}"))
+}
+
+/// The standard requests usbip-host performs itself instead of forwarding,
+/// turned into the matching vocabulary request.
+pub fn special_request(transfer: &Transfer) -> Option<Request> {
+    let setup = transfer.setup?;
+    let handle = transfer.handle;
+    match (setup.request_type, setup.request) {
+        (0x00, std_request::SET_CONFIGURATION) => Some(Request::SetConfiguration {
+            handle,
+            value: setup.value as u8,
+        }),
+        (0x01, std_request::SET_INTERFACE) => Some(Request::SetInterface {
+            handle,
+            interface: setup.index as u8,
+            alt_setting: setup.value as u8,
+        }),
+        (0x02, std_request::CLEAR_FEATURE) if setup.value == std_request::ENDPOINT_HALT => {
+            Some(Request::ClearHalt {
+                handle,
+                endpoint: setup.index as u8,
+            })
+        }
+        (0x23, std_request::SET_FEATURE) if setup.value == std_request::PORT_RESET => {
+            Some(Request::Reset { handle })
+        }
+        _ => None,
+    }
+}
+
+async fn device_operation(device: &Device, request: &Request) -> Result<(), UsbError> {
+    match *request {
+        Request::SetConfiguration { value, .. } => device.set_configuration(value).await,
+        Request::SetInterface {
+            interface,
+            alt_setting,
+            ..
+        } => device.set_interface(interface, alt_setting).await,
+        Request::ClearHalt { endpoint, .. } => device.clear_halt(endpoint).await,
+        Request::Reset { .. } => device.reset().await,
+        _ => Err(UsbError::Invalid(format!(
+            "{} is not a device operation",
+            request.kind()
+        ))),
+    }
+}

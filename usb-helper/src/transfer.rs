@@ -1,0 +1,249 @@
+//! What every backend needs to know about a transfer before touching a device:
+//! which kind of endpoint it targets (taken from the descriptors of the
+//! current alternate setting, never guessed) and whether it is well-formed;
+//! and how its single reply travels back to the link that asked.
+
+use std::collections::HashMap;
+
+use p2p_usb_common::proto::{
+    Completion, DeviceInfo, EndpointType, MAX_TRANSFER_LEN, Message, RequestId, Transfer,
+    TransferData, UsbError,
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+/// The endpoint a transfer resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedEndpoint {
+    pub address: u8,
+    pub kind: EndpointType,
+    /// The interface owning the endpoint; `None` for endpoint 0.
+    pub interface: Option<u8>,
+    pub max_packet_size: usize,
+}
+
+/// Finds the endpoint `transfer` targets in the active configuration with the
+/// given alternate settings (`alts[interface] = alt`, missing = 0) and checks
+/// the transfer against it.
+pub fn resolve(
+    info: &DeviceInfo,
+    alts: &HashMap<u8, u8>,
+    transfer: &Transfer,
+) -> Result<ResolvedEndpoint, UsbError> {
+    if transfer.data.len() > MAX_TRANSFER_LEN {
+        return Err(UsbError::Invalid(format!(
+            "transfer of {} bytes exceeds the limit of {MAX_TRANSFER_LEN}",
+            transfer.data.len()
+        )));
+    }
+    if transfer.endpoint & 0x7f == 0 {
+        let setup = transfer
+            .setup
+            .ok_or_else(|| UsbError::Invalid("control transfer without a setup packet".into()))?;
+        if setup.is_in() != transfer.data.is_in() && !transfer.data.is_empty() {
+            return Err(UsbError::Invalid(
+                "data direction contradicts the setup packet".into(),
+            ));
+        }
+        if transfer.data.len() > u32::from(setup.length) {
+            return Err(UsbError::Invalid(format!(
+                "control data of {} bytes exceeds wLength {}",
+                transfer.data.len(),
+                setup.length
+            )));
+        }
+        return Ok(ResolvedEndpoint {
+            address: 0,
+            kind: EndpointType::Control,
+            interface: None,
+            max_packet_size: usize::from(info.descriptor.max_packet_size0),
+        });
+    }
+    if transfer.setup.is_some() {
+        return Err(UsbError::Invalid(format!(
+            "setup packet on non-control endpoint {:#04x}",
+            transfer.endpoint
+        )));
+    }
+    let dir_in = transfer.endpoint & 0x80 != 0;
+    if dir_in != transfer.data.is_in() {
+        return Err(UsbError::Invalid(format!(
+            "endpoint {:#04x} is {} but the transfer carries {} data",
+            transfer.endpoint,
+            if dir_in { "IN" } else { "OUT" },
+            if transfer.data.is_in() { "IN" } else { "OUT" },
+        )));
+    }
+    let config = info
+        .active_config()
+        .ok_or_else(|| UsbError::Invalid("device is not configured".into()))?;
+    for interface in &config.interfaces {
+        let alt = alts.get(&interface.number).copied().unwrap_or(0);
+        let Some(setting) = interface.alt_settings.iter().find(|a| a.alternate == alt) else {
+            continue;
+        };
+        if let Some(ep) = setting
+            .endpoints
+            .iter()
+            .find(|e| e.address == transfer.endpoint)
+        {
+            let kind = ep.transfer_type();
+            if kind == EndpointType::Isochronous {
+                return Err(UsbError::Unsupported(format!(
+                    "isochronous endpoint {:#04x}: isochronous transfers are not supported",
+                    ep.address
+                )));
+            }
+            return Ok(ResolvedEndpoint {
+                address: ep.address,
+                kind,
+                interface: Some(interface.number),
+                max_packet_size: ep.packet_size().max(1),
+            });
+        }
+    }
+    Err(UsbError::Invalid(format!(
+        "endpoint {:#04x} does not exist in the current configuration and alternate settings",
+        transfer.endpoint
+    )))
+}
+
+/// Applies `short_not_ok` to an IN completion.
+pub fn check_short(transfer: &Transfer, completion: Completion) -> Result<Completion, UsbError> {
+    match transfer.data {
+        TransferData::In { length }
+            if transfer.flags.short_not_ok && completion.actual_length < length =>
+        {
+            Err(UsbError::ShortPacket)
+        }
+        _ => Ok(completion),
+    }
+}
+
+/// Where the reply to one transfer goes: the outgoing queue of the link that
+/// submitted it. It holds that link's in-flight budget until the reply is
+/// queued, so a peer cannot make the helper hold unbounded memory.
+#[derive(Debug)]
+pub struct ReplySink {
+    pub id: RequestId,
+    outgoing: mpsc::Sender<Message>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl ReplySink {
+    /// A sink for request `id` on the link behind `outgoing`.
+    pub fn new(
+        id: RequestId,
+        outgoing: mpsc::Sender<Message>,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        ReplySink {
+            id,
+            outgoing,
+            _budget: budget,
+        }
+    }
+
+    /// Queues the reply, waiting if the link is slow; a closed link is fine
+    /// (nobody is left to tell).
+    pub async fn send(self, result: Result<Completion, UsbError>) {
+        let message = Message::Reply {
+            id: self.id,
+            body: result.map(p2p_usb_common::proto::Reply::Transferred),
+        };
+        let _ = self.outgoing.send(message).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::zero;
+    use bytes::Bytes;
+    use p2p_usb_common::proto::{SetupPacket, TransferFlags};
+
+    fn transfer(endpoint: u8, data: TransferData) -> Transfer {
+        Transfer {
+            handle: 1,
+            endpoint,
+            setup: None,
+            data,
+            flags: TransferFlags::default(),
+            timeout_ms: None,
+        }
+    }
+
+    #[test]
+    fn endpoint_type_comes_from_descriptors() {
+        let mut info = zero::device_info(2);
+        info.active_configuration = zero::CONFIG_SOURCE_SINK;
+        let alts = HashMap::new();
+        let ep = resolve(
+            &info,
+            &alts,
+            &transfer(0x81, TransferData::In { length: 512 }),
+        )
+        .unwrap();
+        assert_eq!(ep.kind, EndpointType::Bulk);
+        assert_eq!(ep.interface, Some(0));
+        assert_eq!(ep.max_packet_size, 512);
+
+        let wrong_dir = resolve(
+            &info,
+            &alts,
+            &transfer(0x81, TransferData::Out(Bytes::new())),
+        );
+        assert!(matches!(wrong_dir, Err(UsbError::Invalid(_))));
+        let missing = resolve(
+            &info,
+            &alts,
+            &transfer(0x85, TransferData::In { length: 1 }),
+        );
+        assert!(matches!(missing, Err(UsbError::Invalid(_))));
+    }
+
+    #[test]
+    fn isochronous_alt_setting_is_refused_clearly() {
+        let mut info = zero::device_info(2);
+        info.active_configuration = zero::CONFIG_SOURCE_SINK;
+        let alts = HashMap::from([(0, 1)]);
+        let err = resolve(
+            &info,
+            &alts,
+            &transfer(0x82, TransferData::In { length: 1024 }),
+        )
+        .unwrap_err();
+        assert!(matches!(err, UsbError::Unsupported(_)), "{err}");
+    }
+
+    #[test]
+    fn control_transfers_need_a_consistent_setup() {
+        let info = zero::device_info(2);
+        let mut t = transfer(0x80, TransferData::In { length: 18 });
+        assert!(resolve(&info, &HashMap::new(), &t).is_err(), "no setup");
+        t.setup = Some(SetupPacket::from_bytes([0x80, 6, 0, 1, 0, 0, 18, 0]));
+        assert_eq!(
+            resolve(&info, &HashMap::new(), &t).unwrap().kind,
+            EndpointType::Control
+        );
+        t.data = TransferData::In { length: 64 };
+        assert!(
+            resolve(&info, &HashMap::new(), &t).is_err(),
+            "longer than wLength"
+        );
+    }
+
+    #[test]
+    fn oversized_transfers_are_refused() {
+        let info = zero::device_info(2);
+        let t = transfer(
+            0x81,
+            TransferData::In {
+                length: MAX_TRANSFER_LEN + 1,
+            },
+        );
+        assert!(matches!(
+            resolve(&info, &HashMap::new(), &t),
+            Err(UsbError::Invalid(_))
+        ));
+    }
+}

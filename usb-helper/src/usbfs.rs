@@ -1,0 +1,941 @@
+//! Real devices through Linux usbfs, with `nusb`.
+//!
+//! Access comes from the udev rule that gives the helper's group read-write on
+//! `/dev/bus/usb/*/*`; no capability is needed. What usbip-host does in the
+//! kernel is done here with usbfs calls: every interface of the active
+//! configuration is claimed with its kernel driver detached, SET_CONFIGURATION
+//! / SET_INTERFACE / CLEAR_HALT / reset become the real operations, and the
+//! kernel drivers are re-attached on close.
+//!
+//! nusb 0.2 can only cancel all transfers of an endpoint, so cancelling one
+//! transfer cancels the endpoint's queue and transparently resubmits the other
+//! transfers that had not moved any data yet, keeping their order. Control
+//! transfers cannot be cancelled in usbfs through nusb at all: a cancelled one
+//! is answered `Cancelled` at once and its late result discarded.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use nusb::MaybeFuture;
+use nusb::transfer::{
+    Buffer, Bulk, BulkOrInterrupt, ControlIn, ControlOut, ControlType, EndpointDirection, In,
+    Interrupt, Out, Recipient, TransferError,
+};
+use p2p_usb_common::descriptors;
+use p2p_usb_common::proto::{
+    Completion, DeviceInfo, DeviceKey, EndpointType, RequestId, Speed, Transfer, TransferData,
+    UsbError,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::backend::{BackendError, BackendEvent, HEALTH_TIMEOUT};
+use crate::transfer::{self, ReplySink};
+
+/// How often the device list is re-read even without hotplug events (udevd
+/// may be missing, e.g. in a container).
+const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// Control transfers without a timeout of their own end after this long, so a
+/// control transfer abandoned by a cancel cannot hold endpoint 0 forever.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A device as found on the bus.
+#[derive(Clone)]
+struct Found {
+    nusb: nusb::DeviceInfo,
+    info: DeviceInfo,
+}
+
+/// Real USB devices.
+pub struct UsbfsBackend {
+    found: Arc<Mutex<Vec<Found>>>,
+    events: broadcast::Sender<BackendEvent>,
+}
+
+impl UsbfsBackend {
+    /// Scans the bus and starts watching for hotplug. Must run inside the
+    /// tokio runtime.
+    pub fn start() -> Result<UsbfsBackend, BackendError> {
+        let (events, _) = broadcast::channel(64);
+        let watch = match nusb::watch_devices() {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::warn!("no hotplug events ({e}); rescanning every {RESCAN_INTERVAL:?}");
+                None
+            }
+        };
+        let found = Arc::new(Mutex::new(scan()));
+        tokio::spawn(watch_loop(watch, found.clone(), events.clone()));
+        Ok(UsbfsBackend { found, events })
+    }
+
+    /// Devices currently present.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        self.found
+            .lock()
+            .expect("found lock")
+            .iter()
+            .map(|f| f.info.clone())
+            .collect()
+    }
+
+    /// Hotplug events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
+        self.events.subscribe()
+    }
+
+    /// Opens the device and claims every interface of its active configuration.
+    pub async fn open(&self, key: &DeviceKey) -> Result<UsbfsDevice, UsbError> {
+        let found = self
+            .found
+            .lock()
+            .expect("found lock")
+            .iter()
+            .find(|f| f.info.key == *key)
+            .cloned()
+            .ok_or_else(|| UsbError::NotFound(key.to_string()))?;
+        let device = found.nusb.open().await.map_err(map_error)?;
+        UsbfsDevice::start(device, found.info).await
+    }
+
+    /// True if the bus can still be listed within [`HEALTH_TIMEOUT`].
+    pub async fn healthy(&self) -> bool {
+        let listing = tokio::task::spawn_blocking(|| nusb::list_devices().wait().is_ok());
+        matches!(
+            tokio::time::timeout(HEALTH_TIMEOUT, listing).await,
+            Ok(Ok(true))
+        )
+    }
+}
+
+fn scan() -> Vec<Found> {
+    match nusb::list_devices().wait() {
+        Ok(list) => list
+            .filter_map(|nusb| {
+                let info = describe(&nusb)
+                    .map_err(|e| tracing::warn!("skipping {:?}: {e}", nusb.sysfs_path()))
+                    .ok()?;
+                Some(Found { nusb, info })
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!("cannot list USB devices: {e}");
+            Vec::new()
+        }
+    }
+}
+
+async fn watch_loop(
+    mut watch: Option<nusb::hotplug::HotplugWatch>,
+    found: Arc<Mutex<Vec<Found>>>,
+    events: broadcast::Sender<BackendEvent>,
+) {
+    loop {
+        let hotplug = async {
+            match watch.as_mut() {
+                Some(w) => w.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = hotplug => if event.is_none() { watch = None },
+            _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
+        }
+        let now = tokio::task::spawn_blocking(scan).await.unwrap_or_default();
+        let mut known = found.lock().expect("found lock");
+        for gone in known
+            .iter()
+            .filter(|k| !now.iter().any(|n| n.info.key == k.info.key))
+        {
+            tracing::info!(device = %gone.info.key, "device left");
+            let _ = events.send(BackendEvent::Left(gone.info.key.clone()));
+        }
+        for new in now
+            .iter()
+            .filter(|n| !known.iter().any(|k| k.info.key == n.info.key))
+        {
+            tracing::info!(device = %new.info.key, product = new.info.display_name(), "device arrived");
+            let _ = events.send(BackendEvent::Arrived(new.info.clone()));
+        }
+        *known = now;
+    }
+}
+
+/// Builds the listing of a device from sysfs alone: no usbfs open, so
+/// listing never wakes or disturbs a device.
+fn describe(nusb: &nusb::DeviceInfo) -> Result<DeviceInfo, String> {
+    let speed = match nusb.speed() {
+        Some(nusb::Speed::Low) => Speed::Low,
+        Some(nusb::Speed::Full) => Speed::Full,
+        Some(nusb::Speed::High) => Speed::High,
+        Some(nusb::Speed::Super) => Speed::Super,
+        _ => Speed::SuperPlus,
+    };
+    let mut info = describe_sysfs(
+        nusb.sysfs_path(),
+        nusb.busnum(),
+        nusb.device_address(),
+        speed,
+    )?;
+    info.manufacturer = nusb.manufacturer_string().map(str::to_string);
+    info.product = nusb.product_string().map(str::to_string);
+    info.serial = nusb.serial_number().map(str::to_string);
+    info.key.serial = info.serial.clone();
+    Ok(info)
+}
+
+/// The sysfs part of [`describe`]: `descriptors` holds the device descriptor
+/// followed by every configuration, `bConfigurationValue` the active one.
+fn describe_sysfs(dir: &Path, bus: u8, address: u8, speed: Speed) -> Result<DeviceInfo, String> {
+    let raw = std::fs::read(dir.join("descriptors")).map_err(|e| format!("descriptors: {e}"))?;
+    let descriptor = descriptors::parse_device(&raw).map_err(|e| e.to_string())?;
+    let mut configurations = Vec::new();
+    let mut rest = raw.get(18..).unwrap_or_default();
+    while rest.len() >= 9 {
+        let config = descriptors::parse_configuration(rest).map_err(|e| e.to_string())?;
+        let used = config.raw.len().max(9);
+        configurations.push(config);
+        rest = &rest[used.min(rest.len())..];
+    }
+    let active_configuration = std::fs::read_to_string(dir.join("bConfigurationValue"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let bus_path = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("sysfs path has no name")?
+        .to_string();
+    Ok(DeviceInfo {
+        key: DeviceKey {
+            bus_path,
+            vid: descriptor.vendor_id,
+            pid: descriptor.product_id,
+            serial: None,
+        },
+        bus_number: bus,
+        address,
+        speed,
+        descriptor,
+        active_configuration,
+        configurations,
+        manufacturer: None,
+        product: None,
+        serial: None,
+    })
+}
+
+/// Maps nusb's operation errors.
+fn map_error(e: nusb::Error) -> UsbError {
+    match e.kind() {
+        nusb::ErrorKind::Disconnected => UsbError::NoDevice,
+        _ if e.os_error() == Some(libc::ENODEV as u32) => UsbError::NoDevice,
+        nusb::ErrorKind::Busy => UsbError::Busy(e.to_string()),
+        nusb::ErrorKind::PermissionDenied => UsbError::AccessDenied(e.to_string()),
+        nusb::ErrorKind::NotFound => UsbError::Invalid(e.to_string()),
+        nusb::ErrorKind::Unsupported => UsbError::Unsupported(e.to_string()),
+        _ => UsbError::Io(e.to_string()),
+    }
+}
+
+/// Maps a transfer's completion status.
+fn map_transfer_error(e: TransferError) -> UsbError {
+    match e {
+        TransferError::Stall => UsbError::Stall,
+        TransferError::Disconnected => UsbError::NoDevice,
+        TransferError::Cancelled => UsbError::Cancelled,
+        TransferError::Fault => UsbError::Io("bus error (CRC, bit stuffing or babble)".into()),
+        TransferError::InvalidArgument => UsbError::Invalid("rejected by usbfs".into()),
+        TransferError::Unknown(errno) => {
+            UsbError::Io(std::io::Error::from_raw_os_error(errno as i32).to_string())
+        }
+    }
+}
+
+/// Splits bmRequestType into what nusb can express.
+fn request_kind(request_type: u8) -> Result<(ControlType, Recipient), UsbError> {
+    let control_type = match (request_type >> 5) & 3 {
+        0 => ControlType::Standard,
+        1 => ControlType::Class,
+        2 => ControlType::Vendor,
+        _ => return Err(UsbError::Stall),
+    };
+    let recipient = match request_type & 0x1f {
+        0 => Recipient::Device,
+        1 => Recipient::Interface,
+        2 => Recipient::Endpoint,
+        3 => Recipient::Other,
+        _ => return Err(UsbError::Stall),
+    };
+    Ok((control_type, recipient))
+}
+
+/// usbfs (through nusb) wants IN lengths that are whole packets.
+fn whole_packets(length: u32, max_packet_size: usize) -> usize {
+    let mps = max_packet_size.max(1);
+    (length as usize).div_ceil(mps).max(1) * mps
+}
+
+enum EndpointCommand {
+    Submit(Transfer, ReplySink),
+    Cancel(RequestId),
+    ClearHalt(oneshot::Sender<Result<(), UsbError>>),
+    /// Cancel everything, drain, and drop the endpoint.
+    Stop(oneshot::Sender<()>),
+}
+
+enum ControlCommand {
+    Submit(Transfer, ReplySink),
+}
+
+/// The transfer being run on endpoint 0, so a cancel can reach it.
+type ControlSlot = Arc<Mutex<Option<(RequestId, oneshot::Sender<()>)>>>;
+
+/// An open real device.
+pub struct UsbfsDevice {
+    device: nusb::Device,
+    info: Mutex<DeviceInfo>,
+    interfaces: Mutex<HashMap<u8, nusb::Interface>>,
+    alts: Mutex<HashMap<u8, u8>>,
+    endpoints: Mutex<HashMap<u8, mpsc::UnboundedSender<EndpointCommand>>>,
+    control: mpsc::UnboundedSender<ControlCommand>,
+    control_running: ControlSlot,
+    control_cancelled: Arc<Mutex<HashSet<RequestId>>>,
+}
+
+impl UsbfsDevice {
+    async fn start(device: nusb::Device, info: DeviceInfo) -> Result<UsbfsDevice, UsbError> {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let control_running: ControlSlot = Arc::default();
+        let control_cancelled: Arc<Mutex<HashSet<RequestId>>> = Arc::default();
+        tokio::spawn(control_worker(
+            device.clone(),
+            control_rx,
+            control_running.clone(),
+            control_cancelled.clone(),
+        ));
+        let this = UsbfsDevice {
+            device,
+            info: Mutex::new(info),
+            interfaces: Mutex::default(),
+            alts: Mutex::default(),
+            endpoints: Mutex::default(),
+            control,
+            control_running,
+            control_cancelled,
+        };
+        this.claim_all().await?;
+        Ok(this)
+    }
+
+    /// The listing as opened, with the active configuration kept current.
+    pub fn info(&self) -> DeviceInfo {
+        self.info.lock().expect("info lock").clone()
+    }
+
+    fn interface_numbers(&self) -> Vec<u8> {
+        self.info()
+            .active_config()
+            .map(|c| c.interfaces.iter().map(|i| i.number).collect())
+            .unwrap_or_default()
+    }
+
+    /// Detaches kernel drivers from, and claims, every interface of the
+    /// active configuration. Plain claims: dropping them never re-attaches a
+    /// driver behind our back; [`UsbfsDevice::close`] does that explicitly.
+    async fn claim_all(&self) -> Result<(), UsbError> {
+        for number in self.interface_numbers() {
+            if let Err(e) = self.device.detach_kernel_driver(number)
+                && e.os_error() != Some(libc::ENODATA as u32)
+            {
+                return Err(map_error(e));
+            }
+            let interface = self
+                .device
+                .claim_interface(number)
+                .await
+                .map_err(map_error)?;
+            self.interfaces
+                .lock()
+                .expect("interfaces lock")
+                .insert(number, interface);
+        }
+        Ok(())
+    }
+
+    /// Stops the endpoint workers (of `only` interfaces' endpoints, or all),
+    /// failing their transfers with `Cancelled`.
+    async fn stop_endpoints(&self, only: Option<&[u8]>) {
+        let stopping: Vec<_> = {
+            let mut endpoints = self.endpoints.lock().expect("endpoints lock");
+            let addresses: Vec<u8> = endpoints
+                .keys()
+                .copied()
+                .filter(|a| only.is_none_or(|list| list.contains(a)))
+                .collect();
+            addresses
+                .into_iter()
+                .filter_map(|a| endpoints.remove(&a))
+                .collect()
+        };
+        for worker in stopping {
+            let (done, finished) = oneshot::channel();
+            if worker.send(EndpointCommand::Stop(done)).is_ok() {
+                let _ = finished.await;
+            }
+        }
+    }
+
+    fn release_all(&self) {
+        self.interfaces.lock().expect("interfaces lock").clear();
+        self.alts.lock().expect("alts lock").clear();
+    }
+
+    /// Queues a transfer on its endpoint's FIFO.
+    pub fn submit(&self, transfer: Transfer, reply: ReplySink) {
+        let info = self.info();
+        let alts = self.alts.lock().expect("alts lock").clone();
+        let resolved = match transfer::resolve(&info, &alts, &transfer) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                tokio::spawn(reply.send(Err(e)));
+                return;
+            }
+        };
+        if resolved.address == 0 {
+            let _ = self.control.send(ControlCommand::Submit(transfer, reply));
+            return;
+        }
+        let mut endpoints = self.endpoints.lock().expect("endpoints lock");
+        if let Some(worker) = endpoints.get(&resolved.address) {
+            let _ = worker.send(EndpointCommand::Submit(transfer, reply));
+            return;
+        }
+        let interface = resolved.interface.and_then(|n| {
+            self.interfaces
+                .lock()
+                .expect("interfaces lock")
+                .get(&n)
+                .cloned()
+        });
+        let Some(interface) = interface else {
+            tokio::spawn(reply.send(Err(UsbError::Busy(
+                "interface is being reconfigured".into(),
+            ))));
+            return;
+        };
+        match spawn_endpoint_worker(&interface, resolved.address, resolved.kind) {
+            Ok(worker) => {
+                let _ = worker.send(EndpointCommand::Submit(transfer, reply));
+                endpoints.insert(resolved.address, worker);
+            }
+            Err(e) => {
+                tokio::spawn(reply.send(Err(e)));
+            }
+        }
+    }
+
+    /// Cancels the transfer of request `id` wherever it is queued.
+    pub fn cancel(&self, id: RequestId) {
+        let mut running = self.control_running.lock().expect("control slot lock");
+        if running.as_ref().is_some_and(|(rid, _)| *rid == id) {
+            if let Some((_, stop)) = running.take() {
+                let _ = stop.send(());
+            }
+            return;
+        }
+        drop(running);
+        self.control_cancelled
+            .lock()
+            .expect("control cancelled lock")
+            .insert(id);
+        for worker in self.endpoints.lock().expect("endpoints lock").values() {
+            let _ = worker.send(EndpointCommand::Cancel(id));
+        }
+    }
+
+    /// SET_CONFIGURATION: a no-op for the active value (Linux hosts always
+    /// send it during enumeration); otherwise release, switch, re-claim.
+    pub async fn set_configuration(&self, value: u8) -> Result<(), UsbError> {
+        if value == self.info().active_configuration {
+            return Ok(());
+        }
+        if value != 0 && !self.info().configurations.iter().any(|c| c.value == value) {
+            return Err(UsbError::Stall);
+        }
+        self.stop_endpoints(None).await;
+        self.release_all();
+        for number in self.interface_numbers() {
+            let _ = self.device.detach_kernel_driver(number);
+        }
+        self.device
+            .set_configuration(value)
+            .await
+            .map_err(map_error)?;
+        self.info.lock().expect("info lock").active_configuration = value;
+        self.claim_all().await
+    }
+
+    /// SET_INTERFACE on a claimed interface.
+    pub async fn set_interface(&self, number: u8, alt: u8) -> Result<(), UsbError> {
+        let info = self.info();
+        let config = info.active_config().ok_or(UsbError::Stall)?;
+        config.alt_setting(number, alt).ok_or(UsbError::Stall)?;
+        let endpoints: Vec<u8> = config
+            .interfaces
+            .iter()
+            .filter(|i| i.number == number)
+            .flat_map(|i| &i.alt_settings)
+            .flat_map(|a| a.endpoints.iter().map(|e| e.address))
+            .collect();
+        self.stop_endpoints(Some(&endpoints)).await;
+        let interface = self
+            .interfaces
+            .lock()
+            .expect("interfaces lock")
+            .get(&number)
+            .cloned()
+            .ok_or_else(|| UsbError::Invalid(format!("interface {number} is not claimed")))?;
+        interface.set_alt_setting(alt).await.map_err(map_error)?;
+        self.alts.lock().expect("alts lock").insert(number, alt);
+        Ok(())
+    }
+
+    /// CLEAR_FEATURE(ENDPOINT_HALT) through usbfs (also resets the toggle).
+    pub async fn clear_halt(&self, endpoint: u8) -> Result<(), UsbError> {
+        if endpoint & 0x7f == 0 {
+            return Ok(());
+        }
+        let probe = Transfer {
+            handle: 0,
+            endpoint,
+            setup: None,
+            data: if endpoint & 0x80 != 0 {
+                TransferData::In { length: 0 }
+            } else {
+                TransferData::Out(Bytes::new())
+            },
+            flags: Default::default(),
+            timeout_ms: None,
+        };
+        let resolved = transfer::resolve(
+            &self.info(),
+            &self.alts.lock().expect("alts lock").clone(),
+            &probe,
+        )?;
+        let worker = {
+            let mut endpoints = self.endpoints.lock().expect("endpoints lock");
+            match endpoints.get(&endpoint) {
+                Some(worker) => worker.clone(),
+                None => {
+                    let interface = resolved
+                        .interface
+                        .and_then(|n| {
+                            self.interfaces
+                                .lock()
+                                .expect("interfaces lock")
+                                .get(&n)
+                                .cloned()
+                        })
+                        .ok_or_else(|| UsbError::Busy("interface is being reconfigured".into()))?;
+                    let worker = spawn_endpoint_worker(&interface, endpoint, resolved.kind)?;
+                    endpoints.insert(endpoint, worker.clone());
+                    worker
+                }
+            }
+        };
+        let (reply, answer) = oneshot::channel();
+        worker
+            .send(EndpointCommand::ClearHalt(reply))
+            .map_err(|_| UsbError::NoDevice)?;
+        answer.await.unwrap_or(Err(UsbError::NoDevice))
+    }
+
+    /// Port reset: usbfs drops claims across a reset, so release first and
+    /// claim again after.
+    pub async fn reset(&self) -> Result<(), UsbError> {
+        self.stop_endpoints(None).await;
+        self.release_all();
+        self.device.reset().await.map_err(map_error)?;
+        self.claim_all().await
+    }
+
+    /// Ends all transfers, releases every interface and re-attaches the
+    /// kernel drivers, so the device works locally again.
+    pub async fn close(&self) {
+        self.stop_endpoints(None).await;
+        self.release_all();
+        let numbers = self.interface_numbers();
+        let device = self.device.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for number in numbers {
+                if let Err(e) = device.attach_kernel_driver(number)
+                    && e.kind() != nusb::ErrorKind::Busy
+                {
+                    tracing::debug!("re-attaching kernel driver of interface {number}: {e}");
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn spawn_endpoint_worker(
+    interface: &nusb::Interface,
+    address: u8,
+    kind: EndpointType,
+) -> Result<mpsc::UnboundedSender<EndpointCommand>, UsbError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let dir_in = address & 0x80 != 0;
+    match (kind, dir_in) {
+        (EndpointType::Bulk, true) => {
+            tokio::spawn(endpoint_worker(
+                interface.endpoint::<Bulk, In>(address).map_err(map_error)?,
+                rx,
+            ));
+        }
+        (EndpointType::Bulk, false) => {
+            tokio::spawn(endpoint_worker(
+                interface
+                    .endpoint::<Bulk, Out>(address)
+                    .map_err(map_error)?,
+                rx,
+            ));
+        }
+        (EndpointType::Interrupt, true) => {
+            tokio::spawn(endpoint_worker(
+                interface
+                    .endpoint::<Interrupt, In>(address)
+                    .map_err(map_error)?,
+                rx,
+            ));
+        }
+        (EndpointType::Interrupt, false) => {
+            tokio::spawn(endpoint_worker(
+                interface
+                    .endpoint::<Interrupt, Out>(address)
+                    .map_err(map_error)?,
+                rx,
+            ));
+        }
+        (other, _) => {
+            return Err(UsbError::Unsupported(format!(
+                "{other:?} endpoint {address:#04x}"
+            )));
+        }
+    }
+    Ok(tx)
+}
+
+/// One submitted usbfs transfer.
+struct InFlight {
+    /// `None` for the zero-length packet that emulates URB_ZERO_PACKET.
+    reply: Option<ReplySink>,
+    transfer: Transfer,
+    cancel_requested: bool,
+}
+
+/// Owns one nusb endpoint: submits in order, replies in completion order
+/// (which usbfs keeps equal to submission order per endpoint).
+async fn endpoint_worker<E: BulkOrInterrupt, D: EndpointDirection>(
+    mut endpoint: nusb::Endpoint<E, D>,
+    mut commands: mpsc::UnboundedReceiver<EndpointCommand>,
+) {
+    let mps = endpoint.max_packet_size().max(1);
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    // After a cancel the whole queue is discarded; these wait to go back in.
+    let mut resubmit: Vec<InFlight> = Vec::new();
+    let mut draining = false;
+    let mut stop: Option<oneshot::Sender<()>> = None;
+
+    loop {
+        tokio::select! {
+            completion = endpoint.next_complete(), if endpoint.pending() > 0 => {
+                let Some(item) = in_flight.pop_front() else { continue };
+                let Some(reply) = item.reply else { continue };
+                let collateral = draining && !item.cancel_requested && stop.is_none();
+                match completion.status {
+                    Err(TransferError::Cancelled) if collateral && completion.actual_len == 0 => {
+                        // Cancelled only because another transfer of this
+                        // endpoint was: nothing moved, so it goes back in.
+                        resubmit.push(InFlight { reply: Some(reply), ..item });
+                    }
+                    Err(TransferError::Cancelled) if collateral => {
+                        // Collateral that had already moved data: report what
+                        // moved, as a short transfer.
+                        let result = finish(&item.transfer, completion.buffer, completion.actual_len, Ok(()));
+                        reply.send(result).await;
+                    }
+                    status => {
+                        let result = finish(&item.transfer, completion.buffer, completion.actual_len, status);
+                        reply.send(result).await;
+                    }
+                }
+                if draining && endpoint.pending() == 0 {
+                    draining = false;
+                    if let Some(done) = stop.take() {
+                        let _ = done.send(());
+                        return;
+                    }
+                    for item in resubmit.drain(..) {
+                        submit(&mut endpoint, &mut in_flight, item, mps);
+                    }
+                }
+            }
+            command = commands.recv(), if !draining => match command {
+                None => {
+                    endpoint.cancel_all();
+                    return;
+                }
+                Some(EndpointCommand::Submit(transfer, reply)) => {
+                    submit(&mut endpoint, &mut in_flight, InFlight { reply: Some(reply), transfer, cancel_requested: false }, mps);
+                }
+                Some(EndpointCommand::Cancel(id)) => {
+                    if let Some(item) = in_flight.iter_mut().find(|i| i.reply.as_ref().is_some_and(|r| r.id == id)) {
+                        item.cancel_requested = true;
+                        endpoint.cancel_all();
+                        draining = true;
+                    }
+                }
+                Some(EndpointCommand::ClearHalt(reply)) => {
+                    let _ = reply.send(endpoint.clear_halt().await.map_err(map_error));
+                }
+                Some(EndpointCommand::Stop(done)) => {
+                    if endpoint.pending() == 0 {
+                        let _ = done.send(());
+                        return;
+                    }
+                    for item in &mut in_flight {
+                        item.cancel_requested = true;
+                    }
+                    endpoint.cancel_all();
+                    draining = true;
+                    stop = Some(done);
+                }
+            },
+        }
+    }
+}
+
+fn submit<E: BulkOrInterrupt, D: EndpointDirection>(
+    endpoint: &mut nusb::Endpoint<E, D>,
+    in_flight: &mut VecDeque<InFlight>,
+    item: InFlight,
+    mps: usize,
+) {
+    let (buffer, zero_packet) = match &item.transfer.data {
+        TransferData::In { length } => (Buffer::new(whole_packets(*length, mps)), false),
+        TransferData::Out(bytes) => (
+            Buffer::from(bytes.to_vec()),
+            item.transfer.flags.zero_packet && !bytes.is_empty() && bytes.len() % mps == 0,
+        ),
+    };
+    endpoint.submit(buffer);
+    in_flight.push_back(item);
+    if zero_packet {
+        endpoint.submit(Buffer::new(0));
+        in_flight.push_back(InFlight {
+            reply: None,
+            transfer: Transfer {
+                handle: 0,
+                endpoint: 0,
+                setup: None,
+                data: TransferData::Out(Bytes::new()),
+                flags: Default::default(),
+                timeout_ms: None,
+            },
+            cancel_requested: false,
+        });
+    }
+}
+
+/// Turns a usbfs completion into the reply for the client's transfer.
+fn finish(
+    transfer: &Transfer,
+    buffer: Buffer,
+    actual_len: usize,
+    status: Result<(), TransferError>,
+) -> Result<Completion, UsbError> {
+    status.map_err(map_transfer_error)?;
+    let completion = match transfer.data {
+        TransferData::In { length } => {
+            if actual_len > length as usize {
+                return Err(UsbError::Overflow);
+            }
+            let mut data = buffer.into_vec();
+            data.truncate(actual_len);
+            Completion {
+                actual_length: actual_len as u32,
+                data: Bytes::from(data),
+            }
+        }
+        TransferData::Out(_) => Completion {
+            actual_length: actual_len as u32,
+            data: Bytes::new(),
+        },
+    };
+    transfer::check_short(transfer, completion)
+}
+
+async fn control_worker(
+    device: nusb::Device,
+    mut commands: mpsc::UnboundedReceiver<ControlCommand>,
+    running: ControlSlot,
+    cancelled: Arc<Mutex<HashSet<RequestId>>>,
+) {
+    while let Some(ControlCommand::Submit(transfer, reply)) = commands.recv().await {
+        if cancelled.lock().expect("cancelled lock").remove(&reply.id) {
+            reply.send(Err(UsbError::Cancelled)).await;
+            continue;
+        }
+        let (stop, stopped) = oneshot::channel();
+        *running.lock().expect("control slot lock") = Some((reply.id, stop));
+        let result = tokio::select! {
+            result = control_transfer(&device, &transfer) => result,
+            _ = stopped => Err(UsbError::Cancelled),
+        };
+        running.lock().expect("control slot lock").take();
+        cancelled.lock().expect("cancelled lock").remove(&reply.id);
+        reply.send(result).await;
+    }
+}
+
+async fn control_transfer(
+    device: &nusb::Device,
+    transfer: &Transfer,
+) -> Result<Completion, UsbError> {
+    let setup = transfer
+        .setup
+        .ok_or_else(|| UsbError::Invalid("no setup packet".into()))?;
+    let (control_type, recipient) = request_kind(setup.request_type)?;
+    let timeout = transfer
+        .timeout_ms
+        .map_or(CONTROL_TIMEOUT, |ms| Duration::from_millis(u64::from(ms)));
+    match &transfer.data {
+        TransferData::In { length } => {
+            let data = device
+                .control_in(
+                    ControlIn {
+                        control_type,
+                        recipient,
+                        request: setup.request,
+                        value: setup.value,
+                        index: setup.index,
+                        length: u16::try_from(*length).unwrap_or(u16::MAX),
+                    },
+                    timeout,
+                )
+                .await
+                .map_err(map_transfer_error)?;
+            transfer::check_short(
+                transfer,
+                Completion {
+                    actual_length: data.len() as u32,
+                    data: Bytes::from(data),
+                },
+            )
+        }
+        TransferData::Out(bytes) => {
+            device
+                .control_out(
+                    ControlOut {
+                        control_type,
+                        recipient,
+                        request: setup.request,
+                        value: setup.value,
+                        index: setup.index,
+                        data: bytes,
+                    },
+                    timeout,
+                )
+                .await
+                .map_err(map_transfer_error)?;
+            Ok(Completion {
+                actual_length: bytes.len() as u32,
+                data: Bytes::new(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_listing_parses_descriptors_and_active_configuration() {
+        let dir = std::env::temp_dir()
+            .join(format!("p2p-usb-sysfs-{}", std::process::id()))
+            .join("3-1.4");
+        std::fs::create_dir_all(&dir).unwrap();
+        let zero = crate::sim::zero::device_info(5);
+        let mut blob = zero.descriptor.raw.to_vec();
+        for config in &zero.configurations {
+            blob.extend_from_slice(&config.raw);
+        }
+        std::fs::write(dir.join("descriptors"), &blob).unwrap();
+        std::fs::write(dir.join("bConfigurationValue"), "2\n").unwrap();
+        let info = describe_sysfs(&dir, 3, 5, Speed::High).unwrap();
+        assert_eq!(info.key.bus_path, "3-1.4");
+        assert_eq!((info.key.vid, info.key.pid), (0x0525, 0xa4a0));
+        assert_eq!(info.configurations, zero.configurations);
+        assert_eq!(info.active_configuration, 2);
+
+        std::fs::write(dir.join("bConfigurationValue"), "\n").unwrap();
+        assert_eq!(
+            describe_sysfs(&dir, 3, 5, Speed::High)
+                .unwrap()
+                .active_configuration,
+            0
+        );
+        std::fs::write(dir.join("descriptors"), &blob[..10]).unwrap();
+        assert!(describe_sysfs(&dir, 3, 5, Speed::High).is_err());
+        std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn in_lengths_round_up_to_whole_packets() {
+        assert_eq!(whole_packets(13, 512), 512);
+        assert_eq!(whole_packets(512, 512), 512);
+        assert_eq!(whole_packets(513, 512), 1024);
+        assert_eq!(whole_packets(0, 64), 64);
+        assert_eq!(whole_packets(8, 0), 8);
+    }
+
+    #[test]
+    fn reserved_request_types_stall() {
+        assert!(matches!(
+            request_kind(0x80),
+            Ok((ControlType::Standard, Recipient::Device))
+        ));
+        assert!(matches!(
+            request_kind(0xa1),
+            Ok((ControlType::Class, Recipient::Interface))
+        ));
+        assert!(matches!(
+            request_kind(0x42),
+            Ok((ControlType::Vendor, Recipient::Endpoint))
+        ));
+        assert_eq!(request_kind(0x60).unwrap_err(), UsbError::Stall);
+        assert_eq!(request_kind(0x05).unwrap_err(), UsbError::Stall);
+    }
+
+    #[test]
+    fn transfer_errors_map_to_typed_errors() {
+        assert_eq!(map_transfer_error(TransferError::Stall), UsbError::Stall);
+        assert_eq!(
+            map_transfer_error(TransferError::Disconnected),
+            UsbError::NoDevice
+        );
+        assert_eq!(
+            map_transfer_error(TransferError::Cancelled),
+            UsbError::Cancelled
+        );
+        assert!(
+            matches!(map_transfer_error(TransferError::Unknown(12)), UsbError::Io(m) if m.contains("memory"))
+        );
+    }
+}
