@@ -287,12 +287,7 @@ mod tests {
             let mut buf = BytesMut::new();
             for chunk in chunks {
                 buf.extend_from_slice(&chunk);
-                loop {
-                    match codec.decode(&mut buf) {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = codec.decode(&mut buf) {}
             }
         }
 

@@ -66,6 +66,11 @@ allowed_users = [{allowed_uid}]
 state_dir = "{state}"
 control_socket = "{control}"
 
+[iroh]
+relay_mode = "disabled"
+bind_addr = "127.0.0.1:0"
+dns_discovery = false
+
 {share}
 {extra}
 "#,

@@ -73,7 +73,7 @@ impl Backend {
     pub async fn open(&self, key: &DeviceKey) -> Result<Device, UsbError> {
         match self {
             Backend::Sim(b) => b.open(key).await.map(Device::Sim),
-            Backend::Usbfs(b) => b.open(key).await.map(Device::Usbfs),
+            Backend::Usbfs(b) => b.open(key).await.map(|d| Device::Usbfs(Box::new(d))),
         }
     }
 
@@ -90,7 +90,7 @@ impl Backend {
 /// releases it, but `close` waits until the kernel drivers are back.
 pub enum Device {
     Sim(SimDevice),
-    Usbfs(UsbfsDevice),
+    Usbfs(Box<UsbfsDevice>),
 }
 
 impl Device {

@@ -14,6 +14,7 @@
 //! is answered `Cancelled` at once and its late result discarded.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +31,7 @@ use p2p_usb_common::proto::{
     Completion, DeviceInfo, DeviceKey, EndpointType, RequestId, Speed, Transfer, TransferData,
     UsbError,
 };
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::backend::{BackendError, BackendEvent, HEALTH_TIMEOUT};
@@ -67,8 +69,15 @@ impl UsbfsBackend {
                 None
             }
         };
+        let uevents = match kernel_uevents() {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                tracing::warn!("cannot listen to kernel uevents ({e})");
+                None
+            }
+        };
         let found = Arc::new(Mutex::new(scan()));
-        tokio::spawn(watch_loop(watch, found.clone(), events.clone()));
+        tokio::spawn(watch_loop(watch, uevents, found.clone(), events.clone()));
         Ok(UsbfsBackend { found, events })
     }
 
@@ -128,8 +137,49 @@ fn scan() -> Vec<Found> {
     }
 }
 
+/// The kernel's own uevents (netlink group 1). udevd's re-broadcasts, which
+/// nusb's watch listens to, do not reach a helper in its own network
+/// namespace (`PrivateNetwork=yes`); the kernel's do.
+fn kernel_uevents() -> std::io::Result<AsyncFd<OwnedFd>> {
+    use nix::sys::socket::{
+        AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+    };
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::NetlinkKObjectUEvent,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1))?;
+    // SAFETY: `fd` is an open socket owned by the AsyncFd for its whole life.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Waits for a uevent of the USB subsystem.
+async fn next_usb_uevent(socket: &AsyncFd<OwnedFd>) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let mut guard = socket.readable().await?;
+        match guard.try_io(|fd| {
+            nix::sys::socket::recv(
+                fd.as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::empty(),
+            )
+            .map_err(std::io::Error::from)
+        }) {
+            Ok(Ok(n)) if buf[..n].split(|b| *b == 0).any(|f| f == b"SUBSYSTEM=usb") => {
+                return Ok(());
+            }
+            Ok(Ok(_)) | Err(_) => continue,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
 async fn watch_loop(
     mut watch: Option<nusb::hotplug::HotplugWatch>,
+    mut uevents: Option<AsyncFd<OwnedFd>>,
     found: Arc<Mutex<Vec<Found>>>,
     events: broadcast::Sender<BackendEvent>,
 ) {
@@ -140,8 +190,22 @@ async fn watch_loop(
                 None => std::future::pending().await,
             }
         };
+        let uevent = async {
+            match uevents.as_ref() {
+                Some(socket) => next_usb_uevent(socket).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             event = hotplug => if event.is_none() { watch = None },
+            result = uevent => match result {
+                // Let the burst of uevents of one plug-in settle.
+                Ok(()) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => {
+                    tracing::warn!("kernel uevent socket failed ({e}); rescanning every {RESCAN_INTERVAL:?}");
+                    uevents = None;
+                }
+            },
             _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
         }
         let now = tokio::task::spawn_blocking(scan).await.unwrap_or_default();

@@ -365,10 +365,7 @@ impl Unit {
         let config = self.info.lock().expect("info lock").active_configuration;
         let endpoints: Vec<u8> = self.queues.keys().copied().collect();
         for ep in endpoints {
-            loop {
-                let Some(queue) = self.queues.get_mut(&ep) else {
-                    break;
-                };
+            while let Some(queue) = self.queues.get_mut(&ep) {
                 let Some(head) = queue.front() else { break };
                 let result = if self.halted.contains(&ep) {
                     Poll::Ready(Err(UsbError::Stall))

@@ -1,0 +1,212 @@
+//! Helper link benchmark: the real helper binary (sim backend, Gadget Zero in
+//! loopback) next to a raw Unix-socket echo of the same sizes, measured in the
+//! same process, one after the other.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p p2p-usb-tests --bench helper_link`
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use p2p_usb_common::link::LinkClient;
+use p2p_usb_common::proto::std_request;
+use p2p_usb_helper::sim::zero;
+use p2p_usb_tests::usb::{self, control, input, out, transfer};
+use p2p_usb_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+const BULK_BYTES: usize = 256 * 1024 * 1024;
+const RTT_ROUNDS: usize = 20_000;
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("helper.sock");
+    let config = write_sim_config(dir.path(), &socket, nix::unistd::geteuid().as_raw(), "");
+    let config_text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("log_level = \"debug\"", "log_level = \"warn\"");
+    std::fs::write(&config, config_text).unwrap();
+    let _helper = start_listening_helper(dir.path(), &config, &socket, None);
+    wait_for_path(&socket, Duration::from_secs(10));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (link, _events) = usb::connect(&socket).await;
+        let zero_key = usb::find(&link, 0x0525, 0xa4a0).await.key;
+        let handle = usb::open(&link, &zero_key).await.unwrap();
+        let echo = spawn_echo_server(dir.path()).await;
+
+        println!("helper link vs raw Unix-socket echo (same process, same sizes)");
+        println!(
+            "{:<28} {:>12} {:>12} {:>7}",
+            "bulk loopback", "helper MiB/s", "raw MiB/s", "ratio"
+        );
+        for depth in [8usize, 32] {
+            for size in [16 * 1024usize, 64 * 1024] {
+                set_config(&link, handle, zero::CONFIG_LOOPBACK).await;
+                let helper = bulk_helper(&link, handle, depth, size).await;
+                let raw = bulk_echo(&echo, depth, size).await;
+                println!(
+                    "{:<28} {:>12.1} {:>12.1} {:>7.2}",
+                    format!("{depth} x {} KiB in flight", size / 1024),
+                    helper,
+                    raw,
+                    helper / raw
+                );
+            }
+        }
+
+        set_config(&link, handle, zero::CONFIG_SOURCE_SINK).await;
+        let helper = rtt_helper(&link, handle).await;
+        let raw = rtt_echo(&echo).await;
+        println!(
+            "{:<28} {:>12} {:>12} {:>7}",
+            "64-byte round trip", "helper", "raw", "ratio"
+        );
+        for (name, index) in [("p50", 50), ("p99", 99)] {
+            let (h, r) = (percentile(&helper, index), percentile(&raw, index));
+            println!("{:<28} {:>10.1}us {:>10.1}us {:>7.2}", name, h, r, h / r);
+        }
+    });
+}
+
+async fn set_config(link: &LinkClient, handle: u32, value: u8) {
+    control(
+        link,
+        handle,
+        0x00,
+        std_request::SET_CONFIGURATION,
+        value.into(),
+        0,
+        out(Bytes::new()),
+    )
+    .await
+    .unwrap();
+}
+
+/// Keeps `depth` OUT and `depth` IN transfers of `size` in flight through the
+/// loopback until `BULK_BYTES` came back; MiB/s of payload returned.
+async fn bulk_helper(link: &LinkClient, handle: u32, depth: usize, size: usize) -> f64 {
+    let payload = Bytes::from(vec![0x5a; size]);
+    let rounds = BULK_BYTES / size;
+    let mut window = VecDeque::new();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        if window.len() == depth {
+            let (w, r): (_, _) = window.pop_front().unwrap();
+            check_pair(w, r, size).await;
+        }
+        let (_, w) = usb::start(link, transfer(handle, zero::EP_OUT, out(payload.clone()))).await;
+        let (_, r) = usb::start(link, transfer(handle, zero::EP_IN, input(size as u32))).await;
+        window.push_back((w, r));
+    }
+    while let Some((w, r)) = window.pop_front() {
+        check_pair(w, r, size).await;
+    }
+    mib_per_s(rounds * size, started.elapsed())
+}
+
+async fn check_pair(
+    write: impl Future<
+        Output = Result<p2p_usb_common::proto::Completion, p2p_usb_common::proto::UsbError>,
+    >,
+    read: impl Future<
+        Output = Result<p2p_usb_common::proto::Completion, p2p_usb_common::proto::UsbError>,
+    >,
+    size: usize,
+) {
+    assert_eq!(write.await.unwrap().actual_length as usize, size);
+    assert_eq!(read.await.unwrap().actual_length as usize, size);
+}
+
+/// One 64-byte IN from the source endpoint at a time: request, reply.
+async fn rtt_helper(link: &LinkClient, handle: u32) -> Vec<f64> {
+    let mut samples = Vec::with_capacity(RTT_ROUNDS);
+    for _ in 0..RTT_ROUNDS {
+        let started = Instant::now();
+        let reply = usb::run(link, transfer(handle, zero::EP_IN, input(64)))
+            .await
+            .unwrap();
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(reply.actual_length, 64);
+    }
+    samples
+}
+
+/// A raw echo server on its own thread and runtime (as the helper has its own process).
+async fn spawn_echo_server(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("echo.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    });
+    path
+}
+
+/// Echoes `BULK_BYTES` in `size` messages with at most `depth` outstanding.
+async fn bulk_echo(path: &std::path::Path, depth: usize, size: usize) -> f64 {
+    let stream = UnixStream::connect(path).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let rounds = BULK_BYTES / size;
+    let credits = std::sync::Arc::new(tokio::sync::Semaphore::new(depth));
+    let started = Instant::now();
+    let writer_credits = credits.clone();
+    let writer = tokio::spawn(async move {
+        let payload = vec![0x5a; size];
+        for _ in 0..rounds {
+            writer_credits.acquire().await.unwrap().forget();
+            w.write_all(&payload).await.unwrap();
+        }
+        w
+    });
+    let mut buf = vec![0u8; size];
+    for _ in 0..rounds {
+        r.read_exact(&mut buf).await.unwrap();
+        credits.add_permits(1);
+    }
+    let _w = writer.await.unwrap();
+    mib_per_s(rounds * size, started.elapsed())
+}
+
+async fn rtt_echo(path: &std::path::Path) -> Vec<f64> {
+    let mut stream = UnixStream::connect(path).await.unwrap();
+    let mut buf = [0u8; 64];
+    let mut samples = Vec::with_capacity(RTT_ROUNDS);
+    for _ in 0..RTT_ROUNDS {
+        let started = Instant::now();
+        stream.write_all(&[7u8; 64]).await.unwrap();
+        stream.read_exact(&mut buf).await.unwrap();
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    samples
+}
+
+fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64()
+}
+
+fn percentile(samples: &[f64], p: usize) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}

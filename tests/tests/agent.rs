@@ -1,0 +1,133 @@
+//! The real `p2p-usb-agent` against the real helper: device table, readiness,
+//! and surviving the helper's death.
+
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use p2p_usb_tests::*;
+
+fn agent(config: &std::path::Path, notify: &NotifySocket, log: std::path::PathBuf) -> Process {
+    let mut command = Command::new(bin("p2p-usb-agent"));
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "2000000")
+        .env("RUST_LOG", "debug");
+    Process::spawn(command, log)
+}
+
+#[test]
+fn devices_command_prints_the_helper_table() {
+    let helper = start_activated_helper("", None);
+    let output = Command::new(bin("p2p-usb-agent"))
+        .arg("--config")
+        .arg(&helper.config)
+        .arg("devices")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[0].starts_with("KEY") && lines[0].contains("VID:PID") && lines[0].contains("PRODUCT")
+    );
+    assert!(
+        table.contains("1-1/0525:a4a0/p2p-usb-sim-zero  0525:a4a0  high"),
+        "{table}"
+    );
+    assert!(
+        table.contains("0525:a4ac  full   p2p-usb simulator Boot Keyboard"),
+        "{table}"
+    );
+}
+
+#[test]
+fn devices_command_fails_clearly_without_a_helper() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_sim_config(dir.path(), &dir.path().join("absent.sock"), 0, "");
+    let output = Command::new(bin("p2p-usb-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("devices")
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(p2p_usb_common::exit::UNAVAILABLE)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot connect to the helper at") && stderr.contains("absent.sock"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn agent_reports_ready_after_a_bounded_wait_when_the_helper_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_sim_config(dir.path(), &dir.path().join("absent.sock"), 0, "");
+    let notify = NotifySocket::bind(dir.path());
+    let mut agent = agent(&config, &notify, dir.path().join("agent.log"));
+    let ready = notify.wait_for("READY=1", Duration::from_secs(20));
+    assert!(ready.text.contains("waiting for helper at"), "{ready:?}");
+    assert!(ready.text.contains("absent.sock"), "{ready:?}");
+    notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
+    agent.signal(Signal::SIGTERM);
+    notify.wait_for("STOPPING=1", Duration::from_secs(5));
+    assert!(
+        agent
+            .wait_timeout(Duration::from_secs(10))
+            .expect("stops")
+            .success()
+    );
+}
+
+#[test]
+fn agent_survives_kill_9_of_the_helper_and_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("helper.sock");
+    let config = write_sim_config(dir.path(), &socket, nix::unistd::geteuid().as_raw(), "");
+    let helper = start_listening_helper(dir.path(), &config, &socket, None);
+    wait_for_path(&socket, Duration::from_secs(10));
+    let notify = NotifySocket::bind(dir.path());
+    let mut agent = agent(&config, &notify, dir.path().join("agent.log"));
+    let ready = notify.wait_for("READY=1", Duration::from_secs(15));
+    assert!(
+        ready.text.contains("helper connected: 2 device(s)"),
+        "{ready:?}"
+    );
+
+    helper.signal(Signal::SIGKILL);
+    drop(helper);
+    let seen = notify.len();
+    notify.wait_for_after(seen, "STATUS=waiting for helper at", Duration::from_secs(5));
+
+    let seen = notify.len();
+    let _restarted = start_listening_helper(dir.path(), &config, &socket, None);
+    notify.wait_for_after(
+        seen,
+        "STATUS=helper connected: 2 device(s)",
+        Duration::from_secs(15),
+    );
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "agent kept running"
+    );
+    agent.signal(Signal::SIGTERM);
+    assert!(
+        agent
+            .wait_timeout(Duration::from_secs(10))
+            .expect("stops")
+            .success(),
+        "{}",
+        agent.output()
+    );
+}
