@@ -1,0 +1,3 @@
+#!/bin/bash
+# Self-test: never runs (70-panic killed the VM before).
+set -euo pipefail
