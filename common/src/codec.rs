@@ -5,27 +5,32 @@
 //! that is well-formed but whose body does not decode is reported as
 //! [`Malformed`] without ending the stream, so the receiver can answer it.
 
+use std::marker::PhantomData;
+
 use bytes::{BufMut, BytesMut};
+use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::proto::{MAX_FRAME_LEN, Message, RequestId};
 
 const LENGTH_PREFIX: usize = 4;
 
-/// Encodes and decodes [`Message`]s on any byte stream.
+/// Encodes and decodes [`Message`]s (or, on the agent's control socket, its
+/// own request and reply types) on any byte stream.
 #[derive(Debug)]
-pub struct MessageCodec {
+pub struct MessageCodec<T = Message> {
     frames: LengthDelimitedCodec,
     max_frame_len: usize,
+    _message: PhantomData<fn() -> T>,
 }
 
-impl Default for MessageCodec {
+impl<T> Default for MessageCodec<T> {
     fn default() -> Self {
         Self::with_max_frame_len(MAX_FRAME_LEN)
     }
 }
 
-impl MessageCodec {
+impl<T> MessageCodec<T> {
     /// A codec refusing frames whose body is longer than `max_frame_len`.
     pub fn with_max_frame_len(max_frame_len: usize) -> Self {
         MessageCodec {
@@ -35,6 +40,7 @@ impl MessageCodec {
                 .max_frame_length(max_frame_len)
                 .new_codec(),
             max_frame_len,
+            _message: PhantomData,
         }
     }
 }
@@ -61,8 +67,8 @@ pub struct Malformed {
     pub reason: String,
 }
 
-impl Decoder for MessageCodec {
-    type Item = Result<Message, Malformed>;
+impl<T: DeserializeOwned> Decoder for MessageCodec<T> {
+    type Item = Result<T, Malformed>;
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
@@ -80,10 +86,10 @@ impl Decoder for MessageCodec {
     }
 }
 
-impl Encoder<Message> for MessageCodec {
+impl<T: Serialize> Encoder<T> for MessageCodec<T> {
     type Error = CodecError;
 
-    fn encode(&mut self, message: Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+    fn encode(&mut self, message: T, dst: &mut BytesMut) -> Result<(), CodecError> {
         let start = dst.len();
         dst.put_u32(0);
         if let Err(e) = rmp_serde::encode::write(&mut dst.writer(), &message) {
@@ -108,7 +114,7 @@ fn is_length_error(e: &std::io::Error) -> bool {
 }
 
 /// Decodes one frame body; on failure recovers the request id if it can.
-pub fn decode_body(body: &[u8]) -> Result<Message, Malformed> {
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Malformed> {
     rmp_serde::from_slice(body).map_err(|e| Malformed {
         request_id: request_id_of(body),
         reason: e.to_string(),
@@ -139,7 +145,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn round_trip(message: Message) {
-        let mut codec = MessageCodec::default();
+        let mut codec = MessageCodec::<Message>::default();
         let mut buf = BytesMut::new();
         codec.encode(message.clone(), &mut buf).unwrap();
         let decoded = codec.decode(&mut buf).unwrap().unwrap().unwrap();
@@ -184,7 +190,7 @@ mod tests {
     fn payload_is_encoded_as_msgpack_bin_not_an_integer_array() {
         let payload = vec![0xAAu8; 1000];
         let mut buf = BytesMut::new();
-        MessageCodec::default()
+        MessageCodec::<Message>::default()
             .encode(
                 Message::Reply {
                     id: 1,
@@ -204,7 +210,7 @@ mod tests {
 
     #[test]
     fn oversized_frame_is_refused_before_reading_the_body() {
-        let mut codec = MessageCodec::with_max_frame_len(1024);
+        let mut codec = MessageCodec::<Message>::with_max_frame_len(1024);
         let mut buf = BytesMut::from(&(1u32 << 30).to_be_bytes()[..]);
         match codec.decode(&mut buf) {
             Err(CodecError::FrameTooLarge { max }) => assert_eq!(max, 1024),
@@ -215,7 +221,7 @@ mod tests {
 
     #[test]
     fn oversized_message_is_not_encoded() {
-        let mut codec = MessageCodec::with_max_frame_len(100);
+        let mut codec = MessageCodec::<Message>::with_max_frame_len(100);
         let mut buf = BytesMut::from(&b"keep"[..]);
         let big = Message::Reply {
             id: 1,
@@ -247,7 +253,7 @@ mod tests {
         let mut frame = BytesMut::new();
         frame.put_u32(raw.len() as u32);
         frame.extend_from_slice(&raw);
-        let malformed = MessageCodec::default()
+        let malformed = MessageCodec::<Message>::default()
             .decode(&mut frame)
             .unwrap()
             .unwrap()
@@ -262,7 +268,7 @@ mod tests {
 
     #[test]
     fn partial_frames_wait_for_more_bytes() {
-        let mut codec = MessageCodec::default();
+        let mut codec = MessageCodec::<Message>::default();
         let mut full = BytesMut::new();
         codec
             .encode(Message::Hello(Hello::new("x")), &mut full)
@@ -283,7 +289,7 @@ mod tests {
         /// `Malformed`, or ends the stream with an error: never a panic.
         #[test]
         fn decoder_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
-            let mut codec = MessageCodec::with_max_frame_len(4096);
+            let mut codec = MessageCodec::<Message>::with_max_frame_len(4096);
             let mut buf = BytesMut::new();
             for chunk in chunks {
                 buf.extend_from_slice(&chunk);
@@ -294,7 +300,7 @@ mod tests {
         /// Well-framed random bodies never panic the body decoder.
         #[test]
         fn body_decoder_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode_body(&body);
+            let _ = decode_body::<Message>(&body);
         }
     }
 }

@@ -548,6 +548,10 @@ pub struct IrohSection {
     /// Find peers on the local network with mDNS.
     #[serde(default)]
     pub local_discovery: bool,
+    /// Use direct UDP paths (hole punching); false sends everything through
+    /// the relay and never reveals this host's addresses to the peer.
+    #[serde(default = "yes")]
+    pub direct_connections: bool,
 }
 
 impl Default for IrohSection {
@@ -558,6 +562,7 @@ impl Default for IrohSection {
             bind_addr: default_bind(),
             dns_discovery: true,
             local_discovery: false,
+            direct_connections: true,
         }
     }
 }

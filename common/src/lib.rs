@@ -8,6 +8,7 @@ pub mod codec;
 pub mod config;
 pub mod descriptors;
 pub mod exit;
+pub mod gadget;
 pub mod link;
 pub mod logging;
 pub mod proto;

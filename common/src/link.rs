@@ -66,7 +66,28 @@ where
     }
 }
 
-type Waiters = Arc<Mutex<HashMap<RequestId, oneshot::Sender<Result<Reply, UsbError>>>>>;
+/// Where a reply goes: a future waiting for just that reply, or a stream of
+/// replies that must stay in arrival order (transfers of one USB/IP device).
+#[derive(Debug)]
+enum Waiter {
+    One(oneshot::Sender<Result<Reply, UsbError>>),
+    Stream(mpsc::UnboundedSender<(RequestId, Result<Reply, UsbError>)>),
+}
+
+impl Waiter {
+    fn deliver(self, id: RequestId, body: Result<Reply, UsbError>) {
+        match self {
+            Waiter::One(tx) => {
+                let _ = tx.send(body);
+            }
+            Waiter::Stream(tx) => {
+                let _ = tx.send((id, body));
+            }
+        }
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<RequestId, Waiter>>>;
 
 /// The requesting end of a link. Cheap to clone; all clones share the link.
 #[derive(Debug, Clone)]
@@ -160,11 +181,43 @@ impl LinkClient {
         RequestId,
         impl Future<Output = Result<Reply, UsbError>> + use<>,
     ) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().expect("waiters lock").insert(id, tx);
+        let id = self.send_request(body, Waiter::One(tx), |_| {}).await;
+        (
+            id,
+            async move { rx.await.unwrap_or_else(|_| Err(link_lost())) },
+        )
+    }
+
+    /// Sends a request whose reply goes to `replies`, in the order replies
+    /// arrive on the link. `register` learns the request's id before the
+    /// request leaves, so the reply can never overtake the caller's
+    /// bookkeeping. If the link is or goes down, `replies` receives a
+    /// `link_lost` error for it.
+    pub async fn request_into(
+        &self,
+        body: Request,
+        replies: &mpsc::UnboundedSender<(RequestId, Result<Reply, UsbError>)>,
+        register: impl FnOnce(RequestId),
+    ) -> RequestId {
+        self.send_request(body, Waiter::Stream(replies.clone()), register)
+            .await
+    }
+
+    async fn send_request(
+        &self,
+        body: Request,
+        waiter: Waiter,
+        register: impl FnOnce(RequestId),
+    ) -> RequestId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        register(id);
+        self.waiters
+            .lock()
+            .expect("waiters lock")
+            .insert(id, waiter);
         // The reader cancels `closed` before failing the waiters, so a waiter
-        // inserted after that is caught here; dropping it fails the request.
+        // inserted after that is caught here.
         if self.closed.is_cancelled()
             || self
                 .outgoing
@@ -172,12 +225,12 @@ impl LinkClient {
                 .await
                 .is_err()
         {
-            self.waiters.lock().expect("waiters lock").remove(&id);
+            let waiter = self.waiters.lock().expect("waiters lock").remove(&id);
+            if let Some(waiter) = waiter {
+                waiter.deliver(id, Err(link_lost()));
+            }
         }
-        (
-            id,
-            async move { rx.await.unwrap_or_else(|_| Err(link_lost())) },
-        )
+        id
     }
 }
 
@@ -235,8 +288,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         match frame {
             Ok(Ok(Message::Reply { id, body })) => {
-                if let Some(waiter) = waiters.lock().expect("waiters lock").remove(&id) {
-                    let _ = waiter.send(body);
+                let waiter = waiters.lock().expect("waiters lock").remove(&id);
+                if let Some(waiter) = waiter {
+                    waiter.deliver(id, body);
                 }
             }
             Ok(Ok(Message::Event(event))) => {
@@ -268,7 +322,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
     // Stop the writer, then fail every request still waiting.
     closed.cancel();
-    waiters.lock().expect("waiters lock").clear();
+    let orphaned: Vec<(RequestId, Waiter)> =
+        waiters.lock().expect("waiters lock").drain().collect();
+    for (id, waiter) in orphaned {
+        waiter.deliver(id, Err(link_lost()));
+    }
 }
 
 #[cfg(test)]

@@ -172,37 +172,60 @@ async fn session(
 
 /// Formats devices as the `devices` command prints them.
 pub fn device_table(devices: &[DeviceInfo]) -> String {
-    let mut rows = vec![[
-        "KEY".to_string(),
-        "VID:PID".to_string(),
-        "SPEED".to_string(),
-        "PRODUCT".to_string(),
-    ]];
-    for d in devices {
-        rows.push([
+    device_table_with_shares(devices, None)
+}
+
+/// Like [`device_table`], with a SHARED column when `shared` is given.
+pub fn device_table_with_shares(devices: &[DeviceInfo], shared: Option<&[bool]>) -> String {
+    let mut header = vec!["KEY", "VID:PID", "SPEED"];
+    if shared.is_some() {
+        header.push("SHARED");
+    }
+    header.push("PRODUCT");
+    let mut rows: Vec<Vec<String>> = vec![header.into_iter().map(String::from).collect()];
+    for (i, d) in devices.iter().enumerate() {
+        let mut row = vec![
             d.key.to_string(),
             format!("{:04x}:{:04x}", d.key.vid, d.key.pid),
             d.speed.label().to_string(),
-            d.display_name(),
-        ]);
+        ];
+        if let Some(shared) = shared {
+            row.push(
+                if shared.get(i).copied().unwrap_or(false) {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .to_string(),
+            );
+        }
+        row.push(d.display_name());
+        rows.push(row);
     }
-    let widths: Vec<usize> = (0..4)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+    format_table(&rows)
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn format_table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     rows.iter()
-        .map(|r| {
-            format!(
-                "{:w0$}  {:w1$}  {:w2$}  {}",
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                w0 = widths[0],
-                w1 = widths[1],
-                w2 = widths[2]
-            )
-            .trim_end()
-            .to_string()
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(c, cell)| format!("{cell:w$}", w = widths[c]))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
         })
         .collect::<Vec<_>>()
         .join("\n")

@@ -1,6 +1,17 @@
 //! The network side of p2p-usb: the server agent (`p2p-usb-agent`) that
 //! reaches devices only through the USB helper's socket, and the client
-//! (`p2p-usb`).
+//! (`p2p-usb`) that attaches remote devices through vhci_hcd or serves them
+//! as standard USB/IP.
 
 pub mod agent;
+pub mod attach;
+pub mod client;
+pub mod control;
+pub mod demo;
 pub mod helper_link;
+pub mod identity;
+pub mod net;
+pub mod peer_uid;
+pub mod policy;
+pub mod usbip;
+pub mod vhci;

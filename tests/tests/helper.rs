@@ -394,7 +394,10 @@ fn keyboard_types_its_text_on_the_interrupt_endpoint() {
                 .unwrap();
             reports.push(<[u8; 8]>::try_from(&report.data[..]).unwrap());
         }
-        assert_eq!(keyboard::text_of_reports(&reports), "Hello p2p\n");
+        assert_eq!(
+            keyboard::text_of_reports(reports.iter().map(|r| &r[..])),
+            "Hello p2p\n"
+        );
         // Idle now: a poll stays pending until its timeout.
         let mut idle = transfer(handle, keyboard::EP_REPORTS, input(8));
         idle.timeout_ms = Some(200);

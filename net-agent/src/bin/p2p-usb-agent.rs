@@ -2,13 +2,14 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use p2p_usb_agent::agent::{self, AgentPaths};
-use p2p_usb_agent::helper_link;
-use p2p_usb_common::config;
+use p2p_usb_agent::control::{self, ControlReply, ControlRequest};
+use p2p_usb_agent::{helper_link, identity};
+use p2p_usb_common::config::{self, ConfigError, ConfigFile, ServerConfig};
 use p2p_usb_common::exit;
 
 const PROGRAM: &str = "p2p-usb-agent";
 
-/// The p2p-usb server agent: serves the USB helper's devices to approved clients.
+/// The p2p-usb server agent: serves the USB helper's devices to approved clients over iroh.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
@@ -32,16 +33,50 @@ struct Args {
 enum Command {
     /// Run the agent (the default; what the systemd unit runs)
     Serve,
-    /// Print the helper's devices and exit
+    /// Print the devices (from the running agent, else straight from the helper) and exit
     Devices,
+    /// Print this server's EndpointId (or, with --ticket, a ticket clients can use)
+    Id {
+        #[arg(long)]
+        ticket: bool,
+    },
+    /// Show the running agent's status line
+    Status,
+    /// Approve a client EndpointId
+    Approve { id: String },
+    /// Revoke a client EndpointId (also one approved in the config file)
+    Revoke { id: String },
+    /// List clients that were refused and wait for approval
+    Pending,
+    /// List connected clients
+    Clients,
+    /// Offer a device (stable key, see `devices`) to approved clients
+    Share { key: String },
+    /// Stop offering a device
+    Unshare { key: String },
 }
 
 fn main() {
     let args = Args::parse();
+    let command = args.command.unwrap_or(Command::Serve);
     let path = config::server_config_path(args.config.as_deref());
-    let file = match config::load_server_config(&path) {
-        Ok(file) => file,
-        Err(e) => exit::fail(PROGRAM, e, exit::CONFIG),
+    // Admin commands only need the control socket: an admin who cannot read
+    // the root-only config still gets the defaults.
+    let file = match (config::load_server_config(&path), &command) {
+        (Ok(file), _) => file,
+        (
+            Err(ConfigError::Read { .. }),
+            Command::Approve { .. }
+            | Command::Revoke { .. }
+            | Command::Pending
+            | Command::Clients
+            | Command::Share { .. }
+            | Command::Unshare { .. }
+            | Command::Status
+            | Command::Id { .. }
+            | Command::Devices,
+        ) => ConfigFile::parse(&path, String::new()).expect("empty configuration is valid"),
+        (Err(e), _) => exit::fail(PROGRAM, e, exit::CONFIG),
     };
     p2p_usb_common::logging::init(Some(file.value.server.log_level), PROGRAM);
     let paths = AgentPaths::resolve(
@@ -58,13 +93,116 @@ fn main() {
         Ok(runtime) => runtime,
         Err(e) => exit::fail(PROGRAM, format!("cannot start the runtime: {e}"), exit::OS),
     };
-    runtime.block_on(async {
-        match args.command.unwrap_or(Command::Serve) {
-            Command::Serve => agent::serve(&file, &paths).await,
-            Command::Devices => match helper_link::list_devices(&paths.helper_socket).await {
+    runtime.block_on(run(command, &file, &paths));
+}
+
+async fn run(command: Command, file: &ConfigFile<ServerConfig>, paths: &AgentPaths) {
+    let ask = |request| control::request(&paths.control_socket, request);
+    match command {
+        Command::Serve => {
+            if let Err(e) = agent::serve(file, paths).await {
+                tracing::error!("{e}");
+                exit::fail(PROGRAM, &e, e.exit_code());
+            }
+        }
+        Command::Devices => match ask(ControlRequest::Devices).await {
+            Ok(ControlReply::Devices(devices)) => {
+                let (devices, shared): (Vec<_>, Vec<_>) =
+                    devices.into_iter().map(|d| (d.device, d.shared)).unzip();
+                println!(
+                    "{}",
+                    helper_link::device_table_with_shares(&devices, Some(&shared))
+                );
+            }
+            Ok(other) => unexpected(other),
+            Err(_) => match helper_link::list_devices(&paths.helper_socket).await {
                 Ok(devices) => println!("{}", helper_link::device_table(&devices)),
                 Err(e) => exit::fail(PROGRAM, e, exit::UNAVAILABLE),
             },
-        }
-    });
+        },
+        Command::Id { ticket } => match ask(ControlRequest::Status).await {
+            Ok(ControlReply::Status { id, ticket: t, .. }) => {
+                println!("{}", if ticket { t } else { id })
+            }
+            Ok(other) => unexpected(other),
+            Err(e) if ticket => exit::fail(
+                PROGRAM,
+                format!("{e} (a ticket needs the running agent)"),
+                exit::UNAVAILABLE,
+            ),
+            Err(_) => match identity::load(&paths.secret_key()) {
+                Ok(key) => println!("{}", key.public()),
+                Err(e) => exit::fail(
+                    PROGRAM,
+                    format!("{e} (start the agent once to create its identity)"),
+                    exit::UNAVAILABLE,
+                ),
+            },
+        },
+        Command::Status => match ask(ControlRequest::Status).await {
+            Ok(ControlReply::Status {
+                summary, ticket, ..
+            }) => println!("{summary}\nticket: {ticket}"),
+            Ok(other) => unexpected(other),
+            Err(e) => exit::fail(PROGRAM, e, exit::UNAVAILABLE),
+        },
+        Command::Pending => match ask(ControlRequest::Pending).await {
+            Ok(ControlReply::Pending(clients)) if clients.is_empty() => {
+                println!("no client is waiting for approval")
+            }
+            Ok(ControlReply::Pending(clients)) => {
+                println!(
+                    "{:<64}  {:>8}  {:>10}  LAST ADDRESS",
+                    "ENDPOINT ID", "ATTEMPTS", "LAST SEEN"
+                );
+                for c in clients {
+                    println!(
+                        "{:<64}  {:>8}  {:>10}  {}",
+                        c.id, c.attempts, c.last_seen, c.address
+                    );
+                }
+            }
+            Ok(other) => unexpected(other),
+            Err(e) => exit::fail(PROGRAM, e, exit::UNAVAILABLE),
+        },
+        Command::Clients => match ask(ControlRequest::Clients).await {
+            Ok(ControlReply::Clients(clients)) if clients.is_empty() => {
+                println!("no client is connected")
+            }
+            Ok(ControlReply::Clients(clients)) => {
+                for c in clients {
+                    println!(
+                        "{}  sessions={}  from {}  devices: {}",
+                        c.id,
+                        c.sessions,
+                        c.address,
+                        c.devices.join(", ")
+                    );
+                }
+            }
+            Ok(other) => unexpected(other),
+            Err(e) => exit::fail(PROGRAM, e, exit::UNAVAILABLE),
+        },
+        Command::Approve { id } => done(ask(ControlRequest::Approve(id)).await),
+        Command::Revoke { id } => done(ask(ControlRequest::Revoke(id)).await),
+        Command::Share { key } => done(ask(ControlRequest::Share(key)).await),
+        Command::Unshare { key } => done(ask(ControlRequest::Unshare(key)).await),
+    }
+}
+
+fn done(reply: Result<ControlReply, control::ControlError>) {
+    match reply {
+        Ok(ControlReply::Done(text)) => println!("{text}"),
+        Ok(ControlReply::Failed(text)) => exit::fail(PROGRAM, text, exit::DATA),
+        Ok(other) => unexpected(other),
+        Err(e) => exit::fail(PROGRAM, e, exit::UNAVAILABLE),
+    }
+}
+
+fn unexpected(reply: ControlReply) -> ! {
+    exit::fail(
+        PROGRAM,
+        format!("unexpected reply from the agent: {reply:?}"),
+        exit::SOFTWARE,
+    )
 }

@@ -15,8 +15,8 @@ use p2p_usb_common::proto::{
 };
 use tokio::time::Instant;
 
-/// The interrupt IN endpoint carrying the 8-byte reports.
-pub const EP_REPORTS: u8 = 0x81;
+pub use p2p_usb_common::gadget::keyboard::{EP_REPORTS, key_for, text_of_reports};
+
 /// Poll interval of the interrupt endpoint (bInterval at full speed).
 pub const INTERVAL: Duration = Duration::from_millis(10);
 
@@ -81,39 +81,6 @@ pub fn device_info(address: u8) -> DeviceInfo {
 /// The string descriptor with 1-based `index`.
 pub fn string(index: u8) -> Option<&'static str> {
     STRINGS.get(usize::from(index).checked_sub(1)?).copied()
-}
-
-/// The boot-protocol report for one character: (modifiers, usage id).
-pub fn key_for(c: char) -> Option<(u8, u8)> {
-    const SHIFT: u8 = 0x02;
-    Some(match c {
-        'a'..='z' => (0, 0x04 + (c as u8 - b'a')),
-        'A'..='Z' => (SHIFT, 0x04 + (c as u8 - b'A')),
-        '1'..='9' => (0, 0x1e + (c as u8 - b'1')),
-        '0' => (0, 0x27),
-        '\n' => (0, 0x28),
-        ' ' => (0, 0x2c),
-        '-' => (0, 0x2d),
-        '_' => (SHIFT, 0x2d),
-        '.' => (0, 0x37),
-        '/' => (0, 0x38),
-        ':' => (SHIFT, 0x33),
-        _ => return None,
-    })
-}
-
-/// Turns reports back into text; the inverse of typing, for checks.
-pub fn text_of_reports(reports: &[[u8; 8]]) -> String {
-    let mut text = String::new();
-    for report in reports {
-        let (modifiers, usage) = (report[0], report[2]);
-        if usage == 0 {
-            continue;
-        }
-        let c = ('\0'..='\u{7f}').find(|&c| key_for(c) == Some((modifiers, usage)));
-        text.extend(c);
-    }
-    text
 }
 
 /// Keyboard state.
@@ -277,7 +244,7 @@ mod tests {
             now += INTERVAL;
         }
         assert_eq!(reports.len(), 6);
-        assert_eq!(text_of_reports(&reports), "Hi\n");
+        assert_eq!(text_of_reports(reports.iter().map(|r| &r[..])), "Hi\n");
         assert!(
             kbd.data(&poll, now + INTERVAL * 10).is_pending(),
             "idle keyboard NAKs"

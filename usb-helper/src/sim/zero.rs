@@ -16,38 +16,12 @@ use p2p_usb_common::proto::{
 
 use super::Effect;
 
-/// `bConfigurationValue` of the source/sink configuration (g_zero's value).
-pub const CONFIG_SOURCE_SINK: u8 = 3;
-/// `bConfigurationValue` of the loopback configuration (g_zero's value).
-pub const CONFIG_LOOPBACK: u8 = 2;
-/// Bulk IN endpoint (source, or loopback IN).
-pub const EP_IN: u8 = 0x81;
-/// Bulk OUT endpoint (sink, or loopback OUT).
-pub const EP_OUT: u8 = 0x01;
+pub use p2p_usb_common::gadget::zero::{
+    CONFIG_LOOPBACK, CONFIG_SOURCE_SINK, EP_IN, EP_OUT, control, pattern_byte,
+};
+
 /// Bytes the loopback buffers before OUT transfers have to wait (NAK).
 pub const LOOPBACK_CAPACITY: usize = 4 * 1024 * 1024;
-
-/// Vendor requests understood on endpoint 0. 0x5b/0x5c are g_zero's own
-/// control-write/read test; the 0xe0 range is the simulator's fault injection,
-/// usable end to end through every hop of the stack.
-pub mod control {
-    /// Vendor OUT: store up to 4096 bytes (g_zero's control write test).
-    pub const WRITE_BUFFER: u8 = 0x5b;
-    /// Vendor IN: read back the stored bytes.
-    pub const READ_BUFFER: u8 = 0x5c;
-    /// Vendor OUT, wValue = endpoint address: halt that endpoint.
-    pub const STALL_ENDPOINT: u8 = 0xe0;
-    /// Vendor OUT, wValue = milliseconds: unplug, then replug after that long (0 = 500 ms).
-    pub const UNPLUG: u8 = 0xe1;
-    /// Vendor OUT, wValue = milliseconds: delay every later completion of the device.
-    pub const DELAY_COMPLETIONS: u8 = 0xe2;
-    /// Vendor OUT, wValue = seconds: hang the simulated USB thread (a stuck USB stack).
-    pub const FREEZE: u8 = 0xe3;
-    /// `bmRequestType` of a vendor, device-recipient, host-to-device request.
-    pub const VENDOR_OUT: u8 = 0x40;
-    /// `bmRequestType` of a vendor, device-recipient, device-to-host request.
-    pub const VENDOR_IN: u8 = 0xc0;
-}
 
 const STRINGS: [&str; 5] = [
     "p2p-usb simulator",
@@ -213,11 +187,6 @@ pub fn device_info(address: u8) -> DeviceInfo {
 /// The string descriptor with 1-based `index`.
 pub fn string(index: u8) -> Option<&'static str> {
     STRINGS.get(usize::from(index).checked_sub(1)?).copied()
-}
-
-/// The byte g_zero's "pattern 1" puts at offset `i` of every IN transfer.
-pub fn pattern_byte(i: usize) -> u8 {
-    (i % 63) as u8
 }
 
 /// Device state behind the descriptors.

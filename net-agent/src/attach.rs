@@ -1,0 +1,220 @@
+//! `p2p-usb attach`: makes a remote device appear in this machine's kernel
+//! through vhci_hcd.
+//!
+//! Privilege split: this process does all the networking as the invoking
+//! user. The one privileged act, writing to vhci_hcd's `attach` file, is
+//! granted by the `p2p-usb-attach` group (the client udev rule makes that
+//! file group-writable), so nothing network-facing ever runs as root. The
+//! kernel takes the USB/IP stream from one end of a socket pair we create;
+//! this process serves the other end.
+//!
+//! If the link to the server breaks, the device is detached (pending URBs
+//! fail, nothing is replayed) and attached again by its stable key once the
+//! server is back. If the device leaves the server, it is detached and
+//! attached again if it returns within [`RETURN_WAIT`].
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use p2p_usb_common::proto::{DeviceInfo, DeviceKey, Reply, Request, UsbError};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{self, Client, ClientError};
+use crate::usbip::gateway::Remote;
+use crate::usbip::proto::UsbDevice;
+use crate::usbip::urbs::{self, EndReason, RemoteDevice};
+use crate::usbip::{speed_code, usbip_device};
+use crate::vhci::{self, VhciError};
+
+/// How long a device that left the server is waited for.
+pub const RETURN_WAIT: Duration = Duration::from_secs(60);
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// Why attaching stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Vhci(#[from] VhciError),
+    #[error("cannot create the socket pair for the kernel: {0}")]
+    Socket(std::io::Error),
+    #[error("{key} left the server and did not come back within {RETURN_WAIT:?}")]
+    Gone { key: DeviceKey },
+}
+
+/// Where attach records live, so `status` can say what is attached where.
+pub fn records_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("p2p-usb-{}", nix::unistd::geteuid())))
+        .join("p2p-usb")
+        .join("attached")
+}
+
+/// Attaches `device` of `server` until detached, stopped, or gone for good.
+pub async fn run(
+    client: Arc<Client>,
+    server: &str,
+    device: &str,
+    stop: CancellationToken,
+) -> Result<(), AttachError> {
+    let remote = Remote::new(client.clone(), client.resolve(server)?);
+    let root = vhci::default_root();
+    // The first attach must succeed as asked; later ones go by stable key.
+    let (session, events) = remote.session().await?;
+    let devices = client::list_devices(&session)
+        .await
+        .map_err(ClientError::from)?;
+    let key = client::pick_device(&devices, device)?.key.clone();
+    let mut opened = Some((session, events));
+    let mut backoff = BACKOFF_START;
+    loop {
+        let (session, events) = match opened.take() {
+            Some(opened) => opened,
+            None => match remote.session().await {
+                Ok(opened) => opened,
+                Err(e @ ClientError::NotApproved { .. }) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(device = %key, "reconnecting in {backoff:?}: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        let info = match open(&session, &key).await {
+            Ok(info) => info,
+            Err(OpenError::Gone) => {
+                session.close();
+                if !wait_for_return(&remote, &key, &stop).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(OpenError::Failed(e)) => return Err(ClientError::Usb(e).into()),
+        };
+        backoff = BACKOFF_START;
+        let (handle, info) = info;
+        let usbip = usbip_device(&info, remote.label());
+        let (ours, kernels) =
+            std::os::unix::net::UnixStream::pair().map_err(AttachError::Socket)?;
+        let port = vhci::attach_free_port(
+            &root,
+            kernels.as_fd(),
+            usbip.devid(),
+            speed_code(info.speed),
+        )?;
+        // The kernel holds its own reference to its end now.
+        drop(kernels);
+        let record = write_record(port.port, &remote, &key, &usbip);
+        tracing::info!(device = %key, port = port.port, "attached {} at vhci port {}", info.display_name(), port.port);
+        println!(
+            "attached {key} ({}) at vhci port {}",
+            info.display_name(),
+            port.port
+        );
+        ours.set_nonblocking(true).map_err(AttachError::Socket)?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(AttachError::Socket)?;
+        let reason = urbs::serve(
+            stream,
+            RemoteDevice {
+                session: session.clone(),
+                events,
+                handle,
+                key: key.clone(),
+            },
+            stop.child_token(),
+        )
+        .await;
+        session.close();
+        if let Some(record) = record {
+            let _ = std::fs::remove_file(record);
+        }
+        tracing::info!(device = %key, port = port.port, "detached: {reason}");
+        match reason {
+            EndReason::ClientClosed | EndReason::Stopped => {
+                println!("detached {key} from vhci port {}", port.port);
+                return Ok(());
+            }
+            EndReason::DeviceGone => {
+                println!("{key} left the server; detached, waiting for it to come back");
+                if !wait_for_return(&remote, &key, &stop).await? {
+                    return Ok(());
+                }
+            }
+            EndReason::LinkLost(reason) | EndReason::Protocol(reason) => {
+                println!(
+                    "lost the server ({reason}); detached {key}, re-attaching when it is back"
+                );
+            }
+        }
+    }
+}
+
+enum OpenError {
+    Gone,
+    Failed(UsbError),
+}
+
+async fn open(
+    session: &p2p_usb_common::link::LinkClient,
+    key: &DeviceKey,
+) -> Result<(u32, DeviceInfo), OpenError> {
+    match session.request(Request::Open { key: key.clone() }).await {
+        Ok(Reply::Opened { handle, device }) => Ok((handle, device)),
+        Ok(other) => Err(OpenError::Failed(UsbError::Protocol(format!("{other:?}")))),
+        Err(UsbError::NotFound(_) | UsbError::NotShared(_) | UsbError::NoDevice) => {
+            Err(OpenError::Gone)
+        }
+        Err(e) => Err(OpenError::Failed(e)),
+    }
+}
+
+/// Polls the server until the device is listed again; false if stopped.
+async fn wait_for_return(
+    remote: &Remote,
+    key: &DeviceKey,
+    stop: &CancellationToken,
+) -> Result<bool, AttachError> {
+    let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok((session, _events)) = remote.session().await {
+            let listed = client::list_devices(&session).await.unwrap_or_default();
+            session.close();
+            if listed.iter().any(|d| d.key == *key) {
+                return Ok(true);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return Ok(false),
+        }
+    }
+    Err(AttachError::Gone { key: key.clone() })
+}
+
+fn write_record(
+    port: u32,
+    remote: &Remote,
+    key: &DeviceKey,
+    device: &UsbDevice,
+) -> Option<PathBuf> {
+    let dir = records_dir();
+    std::fs::create_dir_all(&dir).ok()?;
+    let path = dir.join(port.to_string());
+    let text = format!(
+        "port = {port}\nserver = \"{}\"\ndevice = \"{key}\"\nbusid = \"{}\"\npid = {}\n",
+        remote.id(),
+        device.busid,
+        std::process::id()
+    );
+    std::fs::write(&path, text).ok()?;
+    Some(path)
+}

@@ -1,0 +1,274 @@
+//! A small USB/IP client: what `usbip list`/`usbip attach` and vhci_hcd do on
+//! the wire, in user space. The demo, the tests and the benchmarks use it to
+//! drive the gateway without root.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::oneshot;
+
+use super::proto::{
+    CmdSubmit, CmdUnlink, DevlistEntry, ImportReply, OP_HEADER_LEN, OP_REP_DEVLIST, OP_REP_IMPORT,
+    OP_REQ_DEVLIST, OP_REQ_IMPORT, OpHeader, ProtocolError, ST_OK, URB_HEADER_LEN, USB_DEVICE_LEN,
+    USBIP_DIR_IN, USBIP_DIR_OUT, UrbHeader, UsbDevice, decode_devlist, encode_import_request,
+    iso_descriptors_len,
+};
+
+/// Failures of the USB/IP client.
+#[derive(Debug, thiserror::Error)]
+pub enum UsbipClientError {
+    #[error("USB/IP connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("USB/IP protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the server refused: status {0}")]
+    Refused(u32),
+    #[error("the connection closed before the reply")]
+    Closed,
+}
+
+/// Lists the devices a USB/IP server exports (`usbip list -r`).
+pub async fn devlist(server: SocketAddr) -> Result<Vec<DevlistEntry>, UsbipClientError> {
+    let mut stream = TcpStream::connect(server).await?;
+    stream
+        .write_all(&OpHeader::new(OP_REQ_DEVLIST, 0).encode())
+        .await?;
+    let mut header = [0u8; OP_HEADER_LEN];
+    stream.read_exact(&mut header).await?;
+    let header = OpHeader::decode(&header)?.expect(OP_REP_DEVLIST)?;
+    if header.status != ST_OK {
+        return Err(UsbipClientError::Refused(header.status));
+    }
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body).await?;
+    Ok(decode_devlist(&body)?)
+}
+
+/// What a URB came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrbResult {
+    /// 0 or a negative errno, as usbip-host reports it.
+    pub status: i32,
+    pub actual_length: usize,
+    /// IN data.
+    pub data: Bytes,
+}
+
+/// The direction and payload of a URB.
+#[derive(Debug, Clone)]
+pub enum UrbData {
+    In(u32),
+    Out(Bytes),
+}
+
+enum Waiter {
+    Submit {
+        dir_in: bool,
+        tx: oneshot::Sender<UrbResult>,
+    },
+    Unlink(oneshot::Sender<i32>),
+}
+
+/// An imported device: URBs go out, replies are matched by seqnum.
+pub struct Imported {
+    /// The device as the import reply described it.
+    pub device: UsbDevice,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    waiters: Arc<Mutex<HashMap<u32, Waiter>>>,
+    next_seqnum: AtomicU32,
+}
+
+/// Imports `busid` (`usbip attach`, minus the kernel).
+pub async fn import(server: SocketAddr, busid: &str) -> Result<Imported, UsbipClientError> {
+    let mut stream = TcpStream::connect(server).await?;
+    stream.set_nodelay(true)?;
+    let mut request = OpHeader::new(OP_REQ_IMPORT, 0).encode().to_vec();
+    request.extend_from_slice(&encode_import_request(busid)?);
+    stream.write_all(&request).await?;
+    let mut reply = vec![0u8; OP_HEADER_LEN];
+    stream.read_exact(&mut reply).await?;
+    let header = OpHeader::decode(&reply)?.expect(OP_REP_IMPORT)?;
+    if header.status == ST_OK {
+        let mut device = [0u8; USB_DEVICE_LEN];
+        stream.read_exact(&mut device).await?;
+        reply.extend_from_slice(&device);
+    }
+    let device = match ImportReply::decode(&reply)? {
+        ImportReply::Device(device) => device,
+        ImportReply::Refused(status) => return Err(UsbipClientError::Refused(status)),
+    };
+    let (mut reader, writer) = stream.into_split();
+    let waiters: Arc<Mutex<HashMap<u32, Waiter>>> = Arc::default();
+    let table = waiters.clone();
+    tokio::spawn(async move {
+        let mut header = [0u8; URB_HEADER_LEN];
+        while reader.read_exact(&mut header).await.is_ok() {
+            let Ok(parsed) = UrbHeader::decode(&header) else {
+                return;
+            };
+            match parsed {
+                UrbHeader::RetSubmit(ret) => {
+                    let waiter = table.lock().expect("waiters lock").remove(&ret.seqnum);
+                    let dir_in = matches!(waiter, Some(Waiter::Submit { dir_in: true, .. }));
+                    let length = if dir_in {
+                        ret.actual_length.max(0) as usize
+                    } else {
+                        0
+                    };
+                    let mut data = BytesMut::zeroed(length);
+                    let mut iso = vec![0u8; iso_descriptors_len(ret.number_of_packets)];
+                    if reader.read_exact(&mut data).await.is_err()
+                        || reader.read_exact(&mut iso).await.is_err()
+                    {
+                        return;
+                    }
+                    if let Some(Waiter::Submit { tx, .. }) = waiter {
+                        let _ = tx.send(UrbResult {
+                            status: ret.status,
+                            actual_length: ret.actual_length.max(0) as usize,
+                            data: data.freeze(),
+                        });
+                    }
+                }
+                UrbHeader::RetUnlink(ret) => {
+                    if let Some(Waiter::Unlink(tx)) =
+                        table.lock().expect("waiters lock").remove(&ret.seqnum)
+                    {
+                        let _ = tx.send(ret.status);
+                    }
+                }
+                _ => return,
+            }
+        }
+    });
+    Ok(Imported {
+        device,
+        writer: tokio::sync::Mutex::new(writer),
+        waiters,
+        next_seqnum: AtomicU32::new(1),
+    })
+}
+
+impl Imported {
+    /// Sends CMD_SUBMIT; returns its seqnum and the future of its RET_SUBMIT.
+    pub async fn submit(
+        &self,
+        endpoint: u8,
+        setup: [u8; 8],
+        data: UrbData,
+        transfer_flags: u32,
+    ) -> Result<
+        (
+            u32,
+            impl Future<Output = Result<UrbResult, UsbipClientError>> + use<>,
+        ),
+        UsbipClientError,
+    > {
+        let seqnum = self.next_seqnum.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let (direction, length, payload) = match &data {
+            UrbData::In(length) => (USBIP_DIR_IN, *length as i32, Bytes::new()),
+            UrbData::Out(bytes) => (USBIP_DIR_OUT, bytes.len() as i32, bytes.clone()),
+        };
+        self.waiters.lock().expect("waiters lock").insert(
+            seqnum,
+            Waiter::Submit {
+                dir_in: direction == USBIP_DIR_IN,
+                tx,
+            },
+        );
+        let cmd = CmdSubmit {
+            seqnum,
+            devid: self.device.devid(),
+            direction,
+            ep: u32::from(endpoint & 0x0f),
+            transfer_flags,
+            transfer_buffer_length: length,
+            start_frame: 0,
+            number_of_packets: 0,
+            interval: 0,
+            setup,
+        };
+        let mut writer = self.writer.lock().await;
+        writer.write_all(&UrbHeader::Submit(cmd).encode()).await?;
+        writer.write_all(&payload).await?;
+        Ok((seqnum, async move {
+            rx.await.map_err(|_| UsbipClientError::Closed)
+        }))
+    }
+
+    /// Sends CMD_UNLINK for `seqnum`; resolves to RET_UNLINK's status.
+    pub async fn unlink(
+        &self,
+        seqnum: u32,
+    ) -> Result<impl Future<Output = Result<i32, UsbipClientError>> + use<>, UsbipClientError> {
+        let own = self.next_seqnum.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("waiters lock")
+            .insert(own, Waiter::Unlink(tx));
+        let cmd = CmdUnlink {
+            seqnum: own,
+            devid: self.device.devid(),
+            direction: USBIP_DIR_OUT,
+            ep: 0,
+            unlink_seqnum: seqnum,
+        };
+        self.writer
+            .lock()
+            .await
+            .write_all(&UrbHeader::Unlink(cmd).encode())
+            .await?;
+        Ok(async move { rx.await.map_err(|_| UsbipClientError::Closed) })
+    }
+
+    /// Runs one URB to completion.
+    pub async fn transfer(
+        &self,
+        endpoint: u8,
+        data: UrbData,
+        transfer_flags: u32,
+    ) -> Result<UrbResult, UsbipClientError> {
+        self.submit(endpoint, [0; 8], data, transfer_flags)
+            .await?
+            .1
+            .await
+    }
+
+    /// A control transfer; the direction comes from bmRequestType.
+    pub async fn control(
+        &self,
+        request_type: u8,
+        request: u8,
+        value: u16,
+        index: u16,
+        data: UrbData,
+    ) -> Result<UrbResult, UsbipClientError> {
+        let length = match &data {
+            UrbData::In(n) => *n as u16,
+            UrbData::Out(bytes) => bytes.len() as u16,
+        };
+        let setup = p2p_usb_common::proto::SetupPacket {
+            request_type,
+            request,
+            value,
+            index,
+            length,
+        }
+        .to_bytes();
+        let endpoint = if request_type & 0x80 != 0 { 0x80 } else { 0x00 };
+        self.submit(endpoint, setup, data, 0).await?.1.await
+    }
+
+    /// Closes the connection (a detach, as far as the server can tell).
+    pub async fn close(self) {
+        let _ = self.writer.lock().await.shutdown().await;
+    }
+}

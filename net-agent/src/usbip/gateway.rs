@@ -1,0 +1,253 @@
+//! `p2p-usb serve-usbip`: a standard USB/IP server on loopback that exports a
+//! p2p-usb server's devices, so the stock `usbip attach` (Linux) and
+//! usbip-win2 (Windows) can import them. Only allowed local users are served:
+//! otherwise any local user could drive the remote device.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use iroh::EndpointAddr;
+use p2p_usb_common::access::{AccessList, PeerCredentials};
+use p2p_usb_common::proto::{Reply, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::proto::{
+    BUSID_LEN, ImportReply, OP_HEADER_LEN, OP_REP_DEVLIST, OP_REQ_DEVLIST, OP_REQ_IMPORT, OpHeader,
+    ST_DEV_BUSY, ST_ERROR, ST_NA, ST_NODEV, ST_OK, decode_import_request, encode_devlist,
+};
+use super::urbs::{self, RemoteDevice};
+use super::{devlist_entry, usbip_device};
+use crate::client::{self, Client, ClientError};
+use crate::peer_uid;
+
+/// The server a gateway exports, with one connection shared by all sessions.
+pub struct Remote {
+    client: Arc<Client>,
+    server: EndpointAddr,
+    label: String,
+    connection: Mutex<Option<iroh::endpoint::Connection>>,
+}
+
+impl Remote {
+    /// A remote server reached through `client`.
+    pub fn new(client: Arc<Client>, server: EndpointAddr) -> Remote {
+        let label = server.id.fmt_short().to_string();
+        Remote {
+            client,
+            server,
+            label,
+            connection: Mutex::new(None),
+        }
+    }
+
+    /// A new session, reconnecting first if the connection is gone.
+    pub async fn session(
+        &self,
+    ) -> Result<
+        (
+            p2p_usb_common::link::LinkClient,
+            tokio::sync::mpsc::Receiver<p2p_usb_common::proto::Event>,
+        ),
+        ClientError,
+    > {
+        let mut connection = self.connection.lock().await;
+        if let Some(existing) = connection.as_ref()
+            && existing.close_reason().is_none()
+        {
+            match self.client.session(existing).await {
+                Ok(session) => return Ok(session),
+                Err(ClientError::NotApproved { .. }) => {}
+                Err(e) => {
+                    tracing::debug!("session on the existing connection failed: {e}; reconnecting")
+                }
+            }
+        }
+        let fresh = self.client.connect(&self.server).await?;
+        let session = self.client.session(&fresh).await;
+        *connection = Some(fresh);
+        session
+    }
+
+    /// The server's EndpointId.
+    pub fn id(&self) -> iroh::EndpointId {
+        self.server.id
+    }
+
+    /// The short server name used in USB/IP device paths.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+/// Serves USB/IP on `listener` until `stop` fires. `allowed` lists local
+/// users besides root and the gateway's own user.
+pub async fn serve(
+    listener: TcpListener,
+    remote: Arc<Remote>,
+    mut allowed: AccessList,
+    stop: CancellationToken,
+) {
+    allowed.allow_uid(0);
+    allowed.allow_uid(nix::unistd::geteuid().as_raw());
+    let allowed = Arc::new(allowed);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("gateway accept failed: {e}");
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let remote = remote.clone();
+        let allowed = allowed.clone();
+        let stop = stop.child_token();
+        tokio::spawn(async move {
+            if let Err(reason) = serve_connection(stream, peer, remote, &allowed, stop).await {
+                tracing::warn!(peer = %peer, "USB/IP connection ended: {reason}");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    remote: Arc<Remote>,
+    allowed: &AccessList,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    let uid = peer_uid::tcp_peer_uid(local, peer)
+        .map_err(|e| format!("cannot identify the local user: {e}"))?;
+    match uid {
+        Some(uid) if allowed.allows(&PeerCredentials::of_uid(uid)) => {
+            tracing::debug!(peer = %peer, uid, "USB/IP client accepted");
+        }
+        other => {
+            return Err(format!(
+                "refused: local user {} is not allowed (add it to [gateway] allowed_users)",
+                other.map_or("unknown".into(), |u| u.to_string())
+            ));
+        }
+    }
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut header = [0u8; OP_HEADER_LEN];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| e.to_string())?;
+    let header = OpHeader::decode(&header).map_err(|e| e.to_string())?;
+    match header.code {
+        OP_REQ_DEVLIST => devlist(stream, &remote).await,
+        OP_REQ_IMPORT => import(stream, &remote, stop).await,
+        other => Err(format!("unknown USB/IP operation {other:#06x}")),
+    }
+}
+
+async fn devlist(mut stream: TcpStream, remote: &Remote) -> Result<(), String> {
+    let listed = async {
+        let (session, _events) = remote.session().await?;
+        let devices = client::list_devices(&session).await?;
+        session.close();
+        Ok::<_, ClientError>(devices)
+    }
+    .await;
+    let mut out = BytesMut::new();
+    match listed {
+        Ok(devices) => {
+            let entries: Vec<_> = devices
+                .iter()
+                .map(|d| devlist_entry(d, remote.label()))
+                .collect();
+            out.extend_from_slice(&OpHeader::new(OP_REP_DEVLIST, ST_OK).encode());
+            encode_devlist(&mut out, &entries).map_err(|e| e.to_string())?;
+        }
+        Err(e) => {
+            tracing::warn!("device list for a USB/IP client failed: {e}");
+            out.extend_from_slice(&OpHeader::new(OP_REP_DEVLIST, ST_NA).encode());
+            out.extend_from_slice(&0u32.to_be_bytes());
+        }
+    }
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    stream.shutdown().await.map_err(|e| e.to_string())
+}
+
+async fn import(
+    mut stream: TcpStream,
+    remote: &Remote,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let mut busid = [0u8; BUSID_LEN];
+    stream
+        .read_exact(&mut busid)
+        .await
+        .map_err(|e| e.to_string())?;
+    let busid = decode_import_request(&busid).map_err(|e| e.to_string())?;
+    let opened = async {
+        let (session, events) = remote.session().await?;
+        let devices = client::list_devices(&session).await?;
+        let Some(device) = devices.into_iter().find(|d| d.key.bus_path == busid) else {
+            return Ok(None);
+        };
+        match session
+            .request(Request::Open {
+                key: device.key.clone(),
+            })
+            .await?
+        {
+            Reply::Opened { handle, device } => Ok(Some((session, events, handle, device))),
+            other => Err(ClientError::Usb(p2p_usb_common::proto::UsbError::Protocol(
+                format!("{other:?}"),
+            ))),
+        }
+    }
+    .await;
+    let mut out = BytesMut::new();
+    let (session, events, handle, device) = match opened {
+        Ok(Some(opened)) => opened,
+        Ok(None) => {
+            ImportReply::Refused(ST_NODEV)
+                .encode(&mut out)
+                .map_err(|e| e.to_string())?;
+            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            return Err(format!("import of unknown busid {busid:?}"));
+        }
+        Err(e) => {
+            let status = match &e {
+                ClientError::Usb(p2p_usb_common::proto::UsbError::Busy(_)) => ST_DEV_BUSY,
+                _ => ST_ERROR,
+            };
+            ImportReply::Refused(status)
+                .encode(&mut out)
+                .map_err(|e| e.to_string())?;
+            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            return Err(format!("import of {busid} failed: {e}"));
+        }
+    };
+    ImportReply::Device(usbip_device(&device, remote.label()))
+        .encode(&mut out)
+        .map_err(|e| e.to_string())?;
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    tracing::info!(device = %device.key, "imported by a USB/IP client");
+    let reason = urbs::serve(
+        stream,
+        RemoteDevice {
+            session: session.clone(),
+            events,
+            handle,
+            key: device.key.clone(),
+        },
+        stop,
+    )
+    .await;
+    session.close();
+    tracing::info!(device = %device.key, "USB/IP import ended: {reason}");
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Standard USB/IP on the client side: the wire protocol, the URB engine
+//! shared by the vhci attach path and the loopback gateway, the gateway
+//! itself, and a small USB/IP client used by the demo, tests and benchmarks.
+
+pub mod client;
+pub mod gateway;
+pub mod proto;
+pub mod urbs;
+
+use p2p_usb_common::proto::{DeviceInfo, Speed};
+
+use proto::{DevlistEntry, USB_SPEED_SUPER, UsbDevice, UsbInterface};
+
+/// The vhci/USB/IP speed code for a device. SuperSpeed+ is reported as
+/// SuperSpeed: kernels before 2024 refuse code 6 on attach.
+pub fn speed_code(speed: Speed) -> u32 {
+    match speed {
+        Speed::SuperPlus => USB_SPEED_SUPER,
+        other => other.usbip_code(),
+    }
+}
+
+/// How a remote device is described to USB/IP clients: its bus path on the
+/// server is the busid, and the path names the server.
+pub fn usbip_device(device: &DeviceInfo, server: &str) -> UsbDevice {
+    let interfaces = device.active_config().map_or(0, |c| c.interfaces.len());
+    UsbDevice {
+        path: format!("/p2p-usb/{server}/{}", device.key.bus_path),
+        busid: device.key.bus_path.clone(),
+        busnum: u32::from(device.bus_number),
+        devnum: u32::from(device.address),
+        speed: speed_code(device.speed),
+        id_vendor: device.key.vid,
+        id_product: device.key.pid,
+        bcd_device: device.descriptor.device_version,
+        device_class: device.descriptor.class,
+        device_subclass: device.descriptor.subclass,
+        device_protocol: device.descriptor.protocol,
+        configuration_value: device.active_configuration,
+        num_configurations: device.descriptor.num_configurations,
+        num_interfaces: interfaces as u8,
+    }
+}
+
+/// A devlist entry: the device and the first alternate setting of each
+/// interface of its active configuration.
+pub fn devlist_entry(device: &DeviceInfo, server: &str) -> DevlistEntry {
+    let interfaces = device
+        .active_config()
+        .map(|c| {
+            c.interfaces
+                .iter()
+                .filter_map(|i| i.alt_settings.first())
+                .map(|a| UsbInterface {
+                    class: a.class,
+                    subclass: a.subclass,
+                    protocol: a.protocol,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    DevlistEntry {
+        device: usbip_device(device, server),
+        interfaces,
+    }
+}

@@ -1,0 +1,399 @@
+//! The server side of USB/IP URB traffic for one imported device: reads
+//! CMD_SUBMIT / CMD_UNLINK from a USB/IP client (vhci_hcd through a socket
+//! pair, or a TCP client through the gateway), turns them into the common
+//! vocabulary's `Submit` / `Cancel` on a session with the server, and writes
+//! RET_SUBMIT / RET_UNLINK back.
+//!
+//! Rules kept here (see `proto` for the wire facts): many URBs in flight;
+//! replies in the order the server completes them (FIFO per endpoint); after
+//! CMD_UNLINK for a pending URB its RET_SUBMIT is never sent, only
+//! RET_UNLINK; an URB is never resubmitted after a network error; isochronous
+//! URBs are answered "not supported" with no fake data.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use p2p_usb_common::link::LinkClient;
+use p2p_usb_common::proto::{
+    DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Reply, Request, RequestId, SetupPacket, Transfer,
+    TransferData, TransferFlags, UsbError,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::proto::{
+    CmdSubmit, CmdUnlink, ISO_DESCRIPTOR_LEN, IsoPacketDescriptor, ProtocolError, RetSubmit,
+    RetUnlink, URB_HEADER_LEN, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN, UrbHeader,
+    data_len_out, endpoint_address, iso_descriptors_len,
+};
+
+/// The device a USB/IP connection drives: an open handle on a session.
+pub struct RemoteDevice {
+    pub session: LinkClient,
+    pub events: mpsc::Receiver<Event>,
+    pub handle: Handle,
+    pub key: DeviceKey,
+}
+
+/// Why URB service for a device ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The USB/IP client closed the connection (detach).
+    ClientClosed,
+    /// The session with the server broke; pending URBs failed.
+    LinkLost(String),
+    /// The device left the server.
+    DeviceGone,
+    /// The USB/IP client sent something unparsable.
+    Protocol(String),
+    /// Asked to stop.
+    Stopped,
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::ClientClosed => write!(f, "USB/IP client closed the connection"),
+            EndReason::LinkLost(reason) => write!(f, "link to the server lost: {reason}"),
+            EndReason::DeviceGone => write!(f, "the device left the server"),
+            EndReason::Protocol(reason) => write!(f, "USB/IP protocol error: {reason}"),
+            EndReason::Stopped => write!(f, "stopped"),
+        }
+    }
+}
+
+/// A URB waiting for the server.
+struct PendingUrb {
+    cmd: CmdSubmit,
+    /// Set by CMD_UNLINK: the unlink's own seqnum, answered instead of RET_SUBMIT.
+    unlinked_by: Option<u32>,
+}
+
+#[derive(Default)]
+struct Pending {
+    by_id: HashMap<RequestId, PendingUrb>,
+    by_seqnum: HashMap<u32, RequestId>,
+}
+
+/// One reply for the writer, in wire form.
+struct Outgoing {
+    header: [u8; URB_HEADER_LEN],
+    data: Bytes,
+    iso: Bytes,
+}
+
+type Replies = mpsc::UnboundedSender<(RequestId, Result<Reply, UsbError>)>;
+
+/// Serves URBs for `device` on `stream` until one side ends or `stop` fires.
+pub async fn serve<S>(stream: S, mut device: RemoteDevice, stop: CancellationToken) -> EndReason
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    let pending: Arc<Mutex<Pending>> = Arc::default();
+    let (to_writer, writer_queue) = mpsc::unbounded_channel::<Outgoing>();
+    let (replies, mut completions) = mpsc::unbounded_channel();
+    let writer_task = tokio::spawn(write_loop(writer, writer_queue));
+    let mut reader_task = tokio::spawn(read_loop(
+        reader,
+        device.session.clone(),
+        device.handle,
+        pending.clone(),
+        replies,
+        to_writer.clone(),
+    ));
+
+    let reason = loop {
+        tokio::select! {
+            ended = &mut reader_task => break ended.unwrap_or_else(|e| EndReason::Protocol(e.to_string())),
+            Some((id, result)) = completions.recv() => {
+                if let Err(UsbError::Io(reason)) = &result
+                    && device.session.is_closed()
+                {
+                    break EndReason::LinkLost(reason.clone());
+                }
+                if let Some(out) = complete(&pending, id, result) {
+                    let _ = to_writer.send(out);
+                }
+            }
+            event = device.events.recv() => match event {
+                Some(Event::DeviceLeft { key }) if key == device.key => break EndReason::DeviceGone,
+                Some(Event::ShuttingDown { reason }) => break EndReason::LinkLost(reason),
+                Some(_) => {}
+                None => break EndReason::LinkLost("session closed".into()),
+            },
+            _ = device.session.closed() => break EndReason::LinkLost("session closed".into()),
+            _ = stop.cancelled() => break EndReason::Stopped,
+        }
+    };
+    reader_task.abort();
+    drop(to_writer);
+    // Let already-queued replies go out before the connection closes.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer_task).await;
+    reason
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: R,
+    session: LinkClient,
+    handle: Handle,
+    pending: Arc<Mutex<Pending>>,
+    replies: Replies,
+    to_writer: mpsc::UnboundedSender<Outgoing>,
+) -> EndReason {
+    let mut header = [0u8; URB_HEADER_LEN];
+    loop {
+        if reader.read_exact(&mut header).await.is_err() {
+            return EndReason::ClientClosed;
+        }
+        let parsed = match UrbHeader::decode(&header) {
+            Ok(parsed) => parsed,
+            Err(e) => return EndReason::Protocol(e.to_string()),
+        };
+        match parsed {
+            UrbHeader::Submit(cmd) => {
+                let out = match read_submit_payload(&mut reader, &cmd).await {
+                    Ok(out) => out,
+                    Err(e) => return e,
+                };
+                if let Some(reply) = submit(&session, handle, &pending, &replies, cmd, out).await {
+                    let _ = to_writer.send(reply);
+                }
+            }
+            UrbHeader::Unlink(cmd) => {
+                if let Some(reply) = unlink(&session, &pending, cmd).await {
+                    let _ = to_writer.send(reply);
+                }
+            }
+            other => {
+                return EndReason::Protocol(format!("unexpected {other:?} from a USB/IP client"));
+            }
+        }
+    }
+}
+
+/// OUT data and iso descriptors following a CMD_SUBMIT; reading them in full
+/// keeps the stream in sync even for URBs that are then refused.
+async fn read_submit_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    cmd: &CmdSubmit,
+) -> Result<(Bytes, Vec<IsoPacketDescriptor>), EndReason> {
+    let protocol = |e: ProtocolError| EndReason::Protocol(e.to_string());
+    let out_len = data_len_out(cmd, MAX_TRANSFER_LEN as usize).map_err(protocol)?;
+    let mut data = BytesMut::zeroed(out_len);
+    reader
+        .read_exact(&mut data)
+        .await
+        .map_err(|_| EndReason::ClientClosed)?;
+    let iso_len = iso_descriptors_len(cmd.number_of_packets);
+    if iso_len > 1024 * ISO_DESCRIPTOR_LEN {
+        return Err(EndReason::Protocol(format!(
+            "{} isochronous packets is more than any client sends",
+            cmd.number_of_packets
+        )));
+    }
+    let mut raw = vec![0u8; iso_len];
+    reader
+        .read_exact(&mut raw)
+        .await
+        .map_err(|_| EndReason::ClientClosed)?;
+    let iso = raw
+        .chunks_exact(ISO_DESCRIPTOR_LEN)
+        .map(IsoPacketDescriptor::decode)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(protocol)?;
+    Ok((data.freeze(), iso))
+}
+
+async fn submit(
+    session: &LinkClient,
+    handle: Handle,
+    pending: &Arc<Mutex<Pending>>,
+    replies: &Replies,
+    cmd: CmdSubmit,
+    (data, iso): (Bytes, Vec<IsoPacketDescriptor>),
+) -> Option<Outgoing> {
+    if !iso.is_empty() {
+        return Some(iso_refusal(&cmd, iso));
+    }
+    let Some(endpoint) = endpoint_address(cmd.ep, cmd.direction) else {
+        return Some(failure(
+            &cmd,
+            &UsbError::Invalid(format!("endpoint {}", cmd.ep)),
+        ));
+    };
+    let transfer = Transfer {
+        handle,
+        endpoint,
+        setup: (endpoint & 0x7f == 0).then(|| SetupPacket::from_bytes(cmd.setup)),
+        data: if cmd.direction == USBIP_DIR_IN {
+            TransferData::In {
+                length: cmd.transfer_buffer_length.max(0) as u32,
+            }
+        } else {
+            TransferData::Out(data)
+        },
+        flags: TransferFlags {
+            zero_packet: cmd.transfer_flags & URB_ZERO_PACKET != 0,
+            short_not_ok: cmd.transfer_flags & URB_SHORT_NOT_OK != 0,
+        },
+        timeout_ms: None,
+    };
+    let seqnum = cmd.seqnum;
+    session
+        .request_into(Request::Submit(transfer), replies, |id| {
+            let mut pending = pending.lock().expect("pending lock");
+            pending.by_seqnum.insert(seqnum, id);
+            pending.by_id.insert(
+                id,
+                PendingUrb {
+                    cmd,
+                    unlinked_by: None,
+                },
+            );
+        })
+        .await;
+    None
+}
+
+async fn unlink(
+    session: &LinkClient,
+    pending: &Arc<Mutex<Pending>>,
+    cmd: CmdUnlink,
+) -> Option<Outgoing> {
+    let target = {
+        let mut pending = pending.lock().expect("pending lock");
+        let id = pending.by_seqnum.get(&cmd.unlink_seqnum).copied();
+        match id.and_then(|id| pending.by_id.get_mut(&id).map(|urb| (id, urb))) {
+            Some((id, urb)) => {
+                urb.unlinked_by = Some(cmd.seqnum);
+                Some(id)
+            }
+            None => None,
+        }
+    };
+    match target {
+        Some(id) => {
+            // The cancelled transfer's own reply carries the outcome; the
+            // reply to Cancel itself says nothing more.
+            drop(session.start_request(Request::Cancel { request: id }).await);
+            None
+        }
+        // Already completed (its RET_SUBMIT is sent or queued): status 0.
+        None => Some(wire(UrbHeader::RetUnlink(RetUnlink::reply_to(&cmd, 0)))),
+    }
+}
+
+/// Turns the server's answer for request `id` into RET_SUBMIT, or RET_UNLINK
+/// if the URB was unlinked meanwhile.
+fn complete(
+    pending: &Mutex<Pending>,
+    id: RequestId,
+    result: Result<Reply, UsbError>,
+) -> Option<Outgoing> {
+    let urb = {
+        let mut pending = pending.lock().expect("pending lock");
+        let urb = pending.by_id.remove(&id)?;
+        pending.by_seqnum.remove(&urb.cmd.seqnum);
+        urb
+    };
+    if let Some(unlink_seqnum) = urb.unlinked_by {
+        let status = match result {
+            Err(UsbError::Cancelled) => -libc::ECONNRESET,
+            _ => 0,
+        };
+        let ret = RetUnlink {
+            seqnum: unlink_seqnum,
+            devid: 0,
+            direction: 0,
+            ep: 0,
+            status,
+        };
+        return Some(wire(UrbHeader::RetUnlink(ret)));
+    }
+    match result {
+        Ok(Reply::Transferred(completion)) => {
+            let actual = completion.actual_length as usize;
+            match RetSubmit::reply_to(&urb.cmd, 0, actual) {
+                Ok(ret) => Some(Outgoing {
+                    header: UrbHeader::RetSubmit(ret).encode(),
+                    data: if urb.cmd.direction == USBIP_DIR_IN {
+                        completion.data.slice(..actual.min(completion.data.len()))
+                    } else {
+                        Bytes::new()
+                    },
+                    iso: Bytes::new(),
+                }),
+                Err(_) => Some(failure(&urb.cmd, &UsbError::Overflow)),
+            }
+        }
+        Ok(other) => Some(failure(
+            &urb.cmd,
+            &UsbError::Protocol(format!("unexpected reply {other:?}")),
+        )),
+        Err(e) => Some(failure(&urb.cmd, &e)),
+    }
+}
+
+fn wire(header: UrbHeader) -> Outgoing {
+    Outgoing {
+        header: header.encode(),
+        data: Bytes::new(),
+        iso: Bytes::new(),
+    }
+}
+
+/// RET_SUBMIT carrying a failure status and no data.
+fn failure(cmd: &CmdSubmit, error: &UsbError) -> Outgoing {
+    let ret = RetSubmit::reply_to(cmd, error.urb_status(), 0).expect("zero length always fits");
+    wire(UrbHeader::RetSubmit(ret))
+}
+
+/// Isochronous URBs: refused with -ENOSYS for the URB and each packet, the
+/// packet count echoed so the client's stream stays in sync.
+fn iso_refusal(cmd: &CmdSubmit, iso: Vec<IsoPacketDescriptor>) -> Outgoing {
+    let status = UsbError::Unsupported("isochronous".into()).urb_status();
+    let mut ret = RetSubmit::reply_to(cmd, status, 0).expect("zero length always fits");
+    ret.error_count = iso.len() as i32;
+    let mut descriptors = BytesMut::with_capacity(iso.len() * ISO_DESCRIPTOR_LEN);
+    for packet in iso {
+        descriptors.extend_from_slice(
+            &IsoPacketDescriptor {
+                actual_length: 0,
+                status,
+                ..packet
+            }
+            .encode(),
+        );
+    }
+    Outgoing {
+        header: UrbHeader::RetSubmit(ret).encode(),
+        data: Bytes::new(),
+        iso: descriptors.freeze(),
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut queue: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
+    while let Some(first) = queue.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next {
+            if writer.write_all(&out.header).await.is_err()
+                || writer.write_all(&out.data).await.is_err()
+                || writer.write_all(&out.iso).await.is_err()
+            {
+                return;
+            }
+            next = queue.try_recv().ok();
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
