@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod server;
 pub mod usb;
 
 /// Path of a workspace binary, panicking with the fix if it is missing.

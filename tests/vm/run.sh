@@ -134,7 +134,7 @@ mkdir -p "$stage/vm" "$stage/scenarios" "$stage/repo/target/release" "$stage/out
 install -m 0755 "$here/guest/runner.sh" "$here/guest/vmctl" "$stage/vm/"
 cp -a "$here/scenarios/lib.sh" "$stage/scenarios/" # other scenario dirs share lib.sh
 cp -a "$scenario_dir/." "$stage/scenarios/"
-for d in scripts systemd udev examples; do
+for d in scripts systemd udev examples packaging docs; do
   if [ -d "$repo/$d" ]; then cp -a "$repo/$d" "$stage/repo/"; fi
 done
 nbin=0

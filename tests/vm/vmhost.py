@@ -162,6 +162,8 @@ class Vm:
             # host scheduler, and kernel USB/IP reads fell from ~50 to ~4 MiB/s.
             "qemu-system-x86_64", "-accel", os.environ.get("P2P_USB_VM_ACCEL", "tcg,thread=single"),
             "-machine", "pc,i8042=off",
+            # The CPU model TCG emulates; unset: QEMU's default (qemu64, no AES-NI).
+            *(["-cpu", os.environ["P2P_USB_VM_CPU"]] if os.environ.get("P2P_USB_VM_CPU") else []),
             "-m", a.memory, "-smp", str(a.smp), "-nodefaults", "-display", "none",
             "-no-reboot", "-nic", "none",
             "-kernel", a.kernel, "-initrd", a.initrd,

@@ -216,3 +216,269 @@ kusbip_cleanup() {
   if kusbipd_running; then kill "$(cat "$KUSBIPD_PID")"; fi
   rm -f "$KUSBIPD_PID"
 }
+
+# --- p2p-usb: installation, server, clients ----------------------------------------------
+# The scenarios 10-60 share one installation per boot. Each calls p2p_setup, which
+# installs and configures whatever is missing, so any of them also runs alone.
+P2P_USER=p2p-tester          # unprivileged client user, group p2p-usb-attach
+P2P_OUTSIDER=p2p-outsider    # a local user in none of the project's groups
+P2P_PORT=7777                # the server agent's fixed UDP port on 127.0.0.1
+P2P_SERVER=vm                # the server's name in the client's [[servers]]
+P2P_SETUP_DONE=/run/p2p-usb-vmtest.setup
+# shellcheck disable=SC2034 # used by the scenarios
+P2P_UNITS=(p2p-usb-server.target p2p-usb-helper.socket p2p-usb-helper.service p2p-usb-agent.service)
+
+# on_exit CMD...: run CMD when the scenario ends (in reverse order). The exit handler
+# also turns a stray exit status 77 (a command that failed with EX_NOPERM under
+# set -e) into a failure, so only skip() can skip.
+_P2P_ON_EXIT=()
+_P2P_SKIPPING=0
+on_exit() { _P2P_ON_EXIT=("$*" "${_P2P_ON_EXIT[@]}"); }
+_P2P_FAILING=0
+_P2P_ERR=""
+_p2p_exit() {
+  local rc=$? c
+  set +e
+  trap - ERR
+  for c in "${_P2P_ON_EXIT[@]}"; do eval "$c"; done
+  if [ "$rc" != 0 ] && [ "$_P2P_FAILING" = 0 ] && [ "$_P2P_SKIPPING" = 0 ]; then
+    # set -e ended the scenario: say which command, so the log is never silent.
+    echo "FAIL: exit $rc from: ${_P2P_ERR:-unknown command}"
+    exit 1
+  fi
+  exit "$rc"
+}
+# p2p_traps: the scenario's EXIT handler (on_exit commands, clear failure messages).
+# shellcheck disable=SC2317 # skip() and fail() are called by the scenarios
+p2p_traps() {
+  set -o errtrace
+  trap '_P2P_ERR="line $LINENO: $BASH_COMMAND"' ERR
+  trap _p2p_exit EXIT
+  skip() { _P2P_SKIPPING=1; echo "SKIP: $*"; exit 77; }
+  fail() { _P2P_FAILING=1; echo "FAIL: $*"; exit 1; }
+}
+
+user_home() { getent passwd "$1" | cut -d: -f6; }
+# as_user USER CMD...: run CMD as USER with a login-like environment and USER's groups.
+# setpriv execs (no helper process in between), so pids and signals reach CMD itself.
+as_user() {
+  local u=$1
+  shift
+  setpriv --reuid="$u" --regid="$u" --init-groups -- env HOME="$(user_home "$u")" USER="$u" LOGNAME="$u" "$@"
+}
+# as_tester CMD...: run CMD as the client user.
+as_tester() { as_user "$P2P_USER" "$@"; }
+
+# main_pid UNIT: the unit's main PID, or fail.
+main_pid() {
+  local pid
+  pid=$(systemctl show -p MainPID --value "$1")
+  [ -n "$pid" ] && [ "$pid" != 0 ] || return 1
+  echo "$pid"
+}
+unit_prop() { systemctl show -p "$2" --value "$1"; }
+unit_active() { [ "$(unit_prop "$1" ActiveState)" = active ]; }
+
+# proc_field PID FIELD: a line's value from /proc/PID/status (e.g. CapEff, Uid).
+proc_field() { awk -v f="$2:" '$1 == f { $1 = ""; sub(/^ /, ""); print; exit }' "/proc/$1/status"; }
+
+# journal_since CURSOR_FILE [journalctl args]: journal lines after a saved cursor.
+journal_mark() { journalctl -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p' >"$1" || true; }
+journal_since() {
+  local f=$1
+  shift
+  if [ -s "$f" ]; then
+    journalctl --no-pager -q --after-cursor="$(cat "$f")" "$@"
+  else
+    journalctl --no-pager -q -b "$@"
+  fi
+}
+
+# Server configuration for the guest: loopback only, no relays, no DNS; the helper
+# may open exactly the three emulated devices; auto_share; the given client approved.
+p2p_server_toml() {
+  cat <<TOML
+# Written by the p2p-usb VM tests (tests/vm/scenarios/lib.sh).
+[server]
+log_level = "${P2P_LOG_LEVEL:-info}"
+
+[usb]
+auto_share = true
+
+[security]
+approved_clients = ["$1"]
+require_approval = true
+
+[[helper.share]]
+vid = 0x${VM_STICK_VIDPID%:*}
+pid = 0x${VM_STICK_VIDPID#*:}
+
+[[helper.share]]
+vid = 0x${VM_KBD_VIDPID%:*}
+pid = 0x${VM_KBD_VIDPID#*:}
+
+[[helper.share]]
+vid = 0x${VM_SERIAL_VIDPID%:*}
+pid = 0x${VM_SERIAL_VIDPID#*:}
+
+[iroh]
+relay_mode = "disabled"
+bind_addr = "127.0.0.1:$P2P_PORT"
+dns_discovery = false
+local_discovery = false
+TOML
+}
+
+# p2p_client_toml [SERVER_ID] [SECRET_KEY]: a client configuration on loopback; with
+# SERVER_ID the server is pinned as "$P2P_SERVER" at 127.0.0.1:$P2P_PORT.
+p2p_client_toml() {
+  cat <<TOML
+[client]
+log_level = "${P2P_LOG_LEVEL:-info}"
+TOML
+  if [ -n "${2:-}" ]; then echo "secret_key = \"$2\""; fi
+  if [ -n "${1:-}" ]; then
+    cat <<TOML
+
+[[servers]]
+name = "$P2P_SERVER"
+id = "$1"
+addrs = ["127.0.0.1:$P2P_PORT"]
+TOML
+  fi
+  cat <<TOML
+
+[iroh]
+relay_mode = "disabled"
+bind_addr = "127.0.0.1:0"
+dns_discovery = false
+local_discovery = false
+TOML
+}
+
+# write_user_file USER PATH: stdin to PATH owned by USER (directories created).
+write_user_file() {
+  local u=$1 path=$2
+  install -d -o "$u" -g "$u" -m 0700 "$(dirname "$path")"
+  cat >"$path"
+  chown "$u:" "$path"
+}
+
+tester_config() { echo "$(user_home "$P2P_USER")/.config/p2p-usb/client.toml"; }
+
+# p2p_install: the project's own install script, both roles, as an admin would run it.
+p2p_install() {
+  log "install: $P2P_USB_REPO/scripts/install-service.sh --all"
+  "$P2P_USB_REPO/scripts/install-service.sh" --all
+}
+
+# p2p_users: the client user (in p2p-usb-attach) and an outsider in no project group.
+p2p_users() {
+  id "$P2P_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$P2P_USER"
+  usermod -aG p2p-usb-attach "$P2P_USER"
+  id "$P2P_OUTSIDER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$P2P_OUTSIDER"
+}
+
+# p2p_client_id: the client user's EndpointId (creates its key on first use).
+p2p_client_id() { as_tester p2p-usb id; }
+
+# p2p_configure_server CLIENT_ID: /etc/p2p-usb/server.toml for the guest (root, 0600).
+p2p_configure_server() {
+  p2p_server_toml "$1" >/etc/p2p-usb/server.toml
+  chmod 600 /etc/p2p-usb/server.toml
+}
+
+# p2p_wait_ready [SECS]: agent and helper active (READY=1 sent) and the agent
+# connected to the helper.
+p2p_wait_ready() {
+  local secs=${1:-60}
+  wait_for "$secs" "p2p-usb-agent.service active" unit_active p2p-usb-agent.service
+  wait_for "$secs" "p2p-usb-helper.service active" unit_active p2p-usb-helper.service
+  wait_for "$secs" "agent status without 'waiting for helper'" \
+    sh -c '! systemctl show -p StatusText --value p2p-usb-agent.service | grep -q "waiting for helper"'
+}
+
+server_id() { p2p-usb-agent id; }
+
+# p2p_pin_server: the client user's client.toml pins the running server.
+p2p_pin_server() {
+  p2p_client_toml "$(server_id)" | write_user_file "$P2P_USER" "$(tester_config)"
+}
+
+# p2p_setup: everything above, once per boot (scenario 10 does it step by step).
+p2p_setup() {
+  [ "$VM_HAVE_BINARIES" = 1 ] || skip "no p2p-usb binaries in the payload"
+  if [ -e "$P2P_SETUP_DONE" ]; then
+    if ! unit_active p2p-usb-agent.service; then systemctl start p2p-usb-server.target; fi
+    p2p_wait_ready 60
+    return 0
+  fi
+  p2p_install >/dev/null
+  p2p_users
+  p2p_client_toml | write_user_file "$P2P_USER" "$(tester_config)"
+  p2p_configure_server "$(p2p_client_id)"
+  systemctl enable --now p2p-usb-server.target
+  p2p_wait_ready 60
+  p2p_pin_server
+  touch "$P2P_SETUP_DONE"
+}
+
+# --- p2p-usb attach -----------------------------------------------------------------------
+# p2p_attach NAME USER DEVICE [p2p-usb options...]: start `p2p-usb attach` in the
+# background as USER (root or the tester); its output goes to $VM_OUT/attach-NAME.log,
+# its pid to /run/p2p-attach-NAME.pid. Returns at once.
+p2p_attach() {
+  local name=$1 user=$2 device=$3 log
+  shift 3
+  log=$(attach_log "$name")
+  : >"$log"
+  chmod 666 "$log"
+  # exec in the subshells: $! must be p2p-usb itself, so signals reach it.
+  if [ "$user" = root ]; then
+    (exec p2p-usb "$@" attach "$P2P_SERVER" "$device") >>"$log" 2>&1 </dev/null &
+  else
+    (exec setpriv --reuid="$user" --regid="$user" --init-groups -- \
+      env HOME="$(user_home "$user")" USER="$user" LOGNAME="$user" \
+      p2p-usb "$@" attach "$P2P_SERVER" "$device") >>"$log" 2>&1 </dev/null &
+  fi
+  echo $! >"/run/p2p-attach-$name.pid"
+  on_exit p2p_attach_kill "$name"
+}
+attach_log() { echo "$VM_OUT/attach-$1.log"; }
+attach_pid() { cat "/run/p2p-attach-$1.pid"; }
+attach_running() { kill -0 "$(attach_pid "$1")" 2>/dev/null; }
+# attached_port NAME: the vhci port from the attach's "attached ... at vhci port N".
+attached_port() { sed -n 's/^attached .* at vhci port \([0-9]*\)$/\1/p' "$(attach_log "$1")" | tail -n 1 | grep .; }
+
+# p2p_detach NAME [SECS]: SIGTERM the attach process (what `systemctl stop` or Ctrl-C
+# would do) and wait until it has exited; fails if it does not within SECS.
+p2p_detach() {
+  local name=$1 secs=${2:-20} pid
+  pid=$(attach_pid "$name")
+  kill -TERM "$pid" 2>/dev/null || true
+  wait_for "$secs" "p2p-usb attach ($name) to exit after SIGTERM" not kill -0 "$pid"
+}
+p2p_attach_kill() {
+  local pid
+  pid=$(attach_pid "$1" 2>/dev/null) || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "/run/p2p-attach-$1.pid"
+}
+
+# wait_vhci VID:PID [SECS]: bus id of the copy attached through vhci_hcd.
+wait_vhci() { wait_for "${2:-60}" "vhci copy of $1" vhci_busid "$1"; }
+wait_no_vhci() { wait_for "${2:-30}" "vhci copy of $1 gone" not vhci_busid "$1"; }
+
+# show_attach NAME: the attach log, indented (for failure reports).
+show_attach() { indent "attach-$1" <"$(attach_log "$1")" || true; }
+
+# dmesg_mark / dmesg_since: kernel messages after a point (by line count).
+dmesg_mark() { dmesg | wc -l >"$1"; }
+dmesg_since() { dmesg | tail -n +"$(( $(cat "$1") + 1 ))"; }
+
+# indent LABEL: stdin indented and labelled, for context in scenario logs.
+indent() { sed "s/^/    $1: /"; }

@@ -1,0 +1,279 @@
+//! Full-stack benchmark: USB/IP client -> gateway -> client -> iroh -> agent
+//! -> helper -> simulated Gadget Zero, next to a raw iroh stream echo between
+//! the same kind of endpoints (loopback, relays off), in the same run.
+//! Also reports each process's resident memory after the load.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p p2p-usb-tests --bench full_stack`
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use iroh::endpoint::presets;
+use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
+use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
+use p2p_usb_agent::usbip::gateway::{self, Remote};
+use p2p_usb_common::access::AccessList;
+use p2p_usb_common::gadget::zero;
+use p2p_usb_common::proto::std_request;
+use p2p_usb_tests::server::{Network, ServerUnderTest, start_client};
+use tokio_util::sync::CancellationToken;
+
+const BULK_BYTES: usize = 256 * 1024 * 1024;
+const RTT_ROUNDS: usize = 5000;
+const ALPN: &[u8] = b"bench/echo";
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let client = start_client(dir.path(), &Network::Loopback).await;
+        let server = ServerUnderTest::start(
+            &format!("approved_clients = [\"{}\"]", client.id()),
+            "auto_share = true",
+            Network::Loopback,
+        );
+        let ticket = server.ticket().await;
+        let remote = Arc::new(Remote::new(client.clone(), p2p_usb_agent::net::parse_server(&ticket).unwrap()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway_addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(gateway::serve(listener, remote, AccessList::default(), stop.clone()));
+        let busid = usbip::devlist(gateway_addr)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|e| e.device.id_vendor == zero::VID && e.device.id_product == zero::PID)
+            .unwrap()
+            .device
+            .busid;
+        let device = usbip::import(gateway_addr, &busid).await.unwrap();
+        let echo = EchoPeer::start().await;
+
+        println!("full stack (USB/IP -> iroh -> agent -> helper -> sim) vs raw iroh stream echo, same run");
+        println!("{:<26} {:>12} {:>12} {:>7}", "bulk loopback", "stack MiB/s", "iroh MiB/s", "ratio");
+        for depth in [8usize, 32] {
+            for size in [16 * 1024usize, 64 * 1024] {
+                set_config(&device, zero::CONFIG_LOOPBACK).await;
+                let stack = bulk_stack(&device, depth, size).await;
+                let raw = echo.bulk(depth, size).await;
+                println!(
+                    "{:<26} {:>12.1} {:>12.1} {:>7.2}",
+                    format!("{depth} x {} KiB in flight", size / 1024),
+                    stack,
+                    raw,
+                    stack / raw
+                );
+            }
+        }
+        let rss = |pid: u32| vm_hwm(&format!("/proc/{pid}/status"));
+        let helper_rss = rss(server.helper.child.id());
+        let agent_rss = rss(server.agent.as_ref().unwrap().child.id());
+        let client_rss = vm_hwm("/proc/self/status");
+
+        set_config(&device, zero::CONFIG_SOURCE_SINK).await;
+        let stack = rtt_stack(&device).await;
+        let raw = echo.rtt().await;
+        println!("{:<26} {:>12} {:>12} {:>7}", "64-byte round trip", "stack", "iroh", "ratio");
+        for (name, p) in [("p50", 50), ("p99", 99)] {
+            let (s, r) = (percentile(&stack, p), percentile(&raw, p));
+            println!("{:<26} {:>10.0}us {:>10.0}us {:>7.2}", name, s, r, s / r);
+        }
+        println!("peak resident memory: helper {helper_rss} KiB, agent {agent_rss} KiB, client+gateway+bench {client_rss} KiB");
+        stop.cancel();
+    });
+}
+
+fn vm_hwm(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn set_config(device: &Imported, value: u8) {
+    let result = device
+        .control(
+            0x00,
+            std_request::SET_CONFIGURATION,
+            value.into(),
+            0,
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.status, 0);
+}
+
+async fn bulk_stack(device: &Imported, depth: usize, size: usize) -> f64 {
+    let payload = Bytes::from(vec![0x5a; size]);
+    let rounds = BULK_BYTES / size;
+    let mut window = VecDeque::new();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        if window.len() == depth {
+            let (w, r): (_, _) = window.pop_front().unwrap();
+            check(w, r, size).await;
+        }
+        let w = device
+            .submit(zero::EP_OUT, [0; 8], UrbData::Out(payload.clone()), 0)
+            .await
+            .unwrap()
+            .1;
+        let r = device
+            .submit(zero::EP_IN, [0; 8], UrbData::In(size as u32), 0)
+            .await
+            .unwrap()
+            .1;
+        window.push_back((w, r));
+    }
+    while let Some((w, r)) = window.pop_front() {
+        check(w, r, size).await;
+    }
+    mib_per_s(rounds * size, started.elapsed())
+}
+
+async fn check(
+    w: impl Future<Output = Result<usbip::UrbResult, usbip::UsbipClientError>>,
+    r: impl Future<Output = Result<usbip::UrbResult, usbip::UsbipClientError>>,
+    size: usize,
+) {
+    assert_eq!(w.await.unwrap().actual_length, size);
+    assert_eq!(r.await.unwrap().actual_length, size);
+}
+
+async fn rtt_stack(device: &Imported) -> Vec<f64> {
+    let mut samples = Vec::with_capacity(RTT_ROUNDS);
+    for _ in 0..RTT_ROUNDS {
+        let started = Instant::now();
+        let result = device
+            .transfer(zero::EP_IN, UrbData::In(64), 0)
+            .await
+            .unwrap();
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(result.actual_length, 64);
+    }
+    samples
+}
+
+/// Two iroh endpoints on loopback with relays off; the echoing one on its own
+/// thread and runtime, as the agent has its own process.
+struct EchoPeer {
+    client: Endpoint,
+    server: EndpointAddr,
+}
+
+impl EchoPeer {
+    async fn start() -> EchoPeer {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let server = endpoint(true).await;
+                let addr = EndpointAddr::new(server.id()).with_ip_addr(server.bound_sockets()[0]);
+                tx.send(addr).unwrap();
+                while let Some(incoming) = server.accept().await {
+                    tokio::spawn(async move {
+                        let connection = incoming.accept().unwrap().await.unwrap();
+                        while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                            tokio::spawn(async move {
+                                let _ = tokio::io::copy(&mut recv, &mut send).await;
+                            });
+                        }
+                    });
+                }
+            });
+        });
+        let server = rx.await.unwrap();
+        EchoPeer {
+            client: endpoint(false).await,
+            server,
+        }
+    }
+
+    async fn bulk(&self, depth: usize, size: usize) -> f64 {
+        let connection = self
+            .client
+            .connect(self.server.clone(), ALPN)
+            .await
+            .unwrap();
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        let rounds = BULK_BYTES / size;
+        let credits = Arc::new(tokio::sync::Semaphore::new(depth));
+        let started = Instant::now();
+        let writer_credits = credits.clone();
+        let writer = tokio::spawn(async move {
+            let payload = vec![0x5a; size];
+            for _ in 0..rounds {
+                writer_credits.acquire().await.unwrap().forget();
+                send.write_all(&payload).await.unwrap();
+            }
+            send
+        });
+        let mut buf = vec![0u8; size];
+        for _ in 0..rounds {
+            recv.read_exact(&mut buf).await.unwrap();
+            credits.add_permits(1);
+        }
+        let mut send = writer.await.unwrap();
+        let elapsed = started.elapsed();
+        send.finish().unwrap();
+        connection.close(0u32.into(), b"");
+        mib_per_s(rounds * size, elapsed)
+    }
+
+    async fn rtt(&self) -> Vec<f64> {
+        let connection = self
+            .client
+            .connect(self.server.clone(), ALPN)
+            .await
+            .unwrap();
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut samples = Vec::with_capacity(RTT_ROUNDS);
+        for _ in 0..RTT_ROUNDS {
+            let started = Instant::now();
+            send.write_all(&[7u8; 64]).await.unwrap();
+            recv.read_exact(&mut buf).await.unwrap();
+            samples.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        connection.close(0u32.into(), b"");
+        samples
+    }
+}
+
+async fn endpoint(accept: bool) -> Endpoint {
+    let mut builder = Endpoint::builder(presets::Minimal)
+        .secret_key(SecretKey::generate())
+        .relay_mode(RelayMode::Disabled)
+        .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
+        .clear_ip_transports()
+        .bind_addr(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .unwrap();
+    if accept {
+        builder = builder.alpns(vec![ALPN.to_vec()]);
+    }
+    builder.bind().await.unwrap()
+}
+
+fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64()
+}
+
+fn percentile(samples: &[f64], p: usize) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}

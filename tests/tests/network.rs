@@ -1,0 +1,468 @@
+//! The server (real helper and agent binaries) reached over iroh by an
+//! in-process client: direct and relayed paths, approval, sharing, restarts.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use p2p_usb_agent::client::{self, ClientError};
+use p2p_usb_agent::control::{ControlReply, ControlRequest};
+use p2p_usb_agent::net;
+use p2p_usb_common::gadget::zero;
+use p2p_usb_common::proto::{Event, Reply, Request, UsbError, std_request};
+use p2p_usb_tests::server::{Network, ServerUnderTest, start_client};
+use p2p_usb_tests::usb::{self, control, input, out, transfer};
+
+fn approved(id: impl std::fmt::Display) -> String {
+    format!("approved_clients = [\"{id}\"]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approved_client_uses_devices_over_a_direct_iroh_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), &Network::Loopback).await;
+    let server = ServerUnderTest::start(
+        &approved(client.id()),
+        "auto_share = true",
+        Network::Loopback,
+    );
+    server
+        .agent_notify
+        .wait_for("READY=1", Duration::from_secs(15));
+
+    let addr = net::parse_server(&server.ticket().await).unwrap();
+    assert_eq!(addr.id.to_string(), server.id().await);
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, _events) = client.session(&connection).await.unwrap();
+    let devices = client::list_devices(&session).await.unwrap();
+    assert_eq!(devices.len(), 2, "{devices:?}");
+
+    // The same vocabulary as on the helper link, end to end.
+    let zero_key = devices
+        .iter()
+        .find(|d| d.key.pid == zero::PID)
+        .unwrap()
+        .key
+        .clone();
+    let handle = usb::open(&session, &zero_key).await.unwrap();
+    control(
+        &session,
+        handle,
+        0,
+        std_request::SET_CONFIGURATION,
+        zero::CONFIG_LOOPBACK.into(),
+        0,
+        out(Bytes::new()),
+    )
+    .await
+    .unwrap();
+    let data = Bytes::from((0..5000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    usb::run(&session, transfer(handle, zero::EP_OUT, out(data.clone())))
+        .await
+        .unwrap();
+    let back = usb::run(&session, transfer(handle, zero::EP_IN, input(8192)))
+        .await
+        .unwrap();
+    assert_eq!(back.data, data);
+
+    let status = server
+        .agent_notify
+        .wait_for("STATUS=NodeId", Duration::from_secs(10));
+    assert!(status.text.contains(&server.id().await), "{status:?}");
+    match server.control(ControlRequest::Clients).await {
+        ControlReply::Clients(clients) => {
+            assert_eq!(clients.len(), 1);
+            assert_eq!(clients[0].id, client.id().to_string());
+            assert_eq!(clients[0].devices, vec![zero_key.to_string()]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unapproved_client_is_pending_until_approved_and_revoke_cuts_it_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), &Network::Loopback).await;
+    let server = ServerUnderTest::start(
+        "require_approval = true",
+        "auto_share = true",
+        Network::Loopback,
+    );
+    let addr = net::parse_server(&server.ticket().await).unwrap();
+
+    let refused = async {
+        let connection = client.connect(&addr).await?;
+        client.session(&connection).await
+    }
+    .await;
+    match refused {
+        Err(ClientError::NotApproved { client: id, .. }) => assert_eq!(id, client.id()),
+        Err(other) => panic!("expected NotApproved, got {other}"),
+        Ok(_) => panic!("an unapproved client got a session"),
+    }
+    match server.control(ControlRequest::Pending).await {
+        ControlReply::Pending(pending) => {
+            assert_eq!(pending.len(), 1, "{pending:?}");
+            assert_eq!(pending[0].id, client.id().to_string());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        server
+            .agent_log()
+            .contains(&format!("p2p-usb-agent approve {}", client.id()))
+    );
+
+    let approval = server
+        .control(ControlRequest::Approve(client.id().to_string()))
+        .await;
+    assert!(matches!(approval, ControlReply::Done(_)), "{approval:?}");
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, _events) = client.session(&connection).await.unwrap();
+    assert_eq!(client::list_devices(&session).await.unwrap().len(), 2);
+
+    server
+        .control(ControlRequest::Revoke(client.id().to_string()))
+        .await;
+    let reason = tokio::time::timeout(Duration::from_secs(10), connection.closed())
+        .await
+        .unwrap();
+    assert!(reason.to_string().contains("revoked"), "{reason}");
+    let again = async {
+        let connection = client.connect(&addr).await?;
+        client.session(&connection).await
+    }
+    .await;
+    assert!(
+        matches!(again, Err(ClientError::NotApproved { .. })),
+        "revoked client got back in"
+    );
+
+    let malformed = server
+        .control(ControlRequest::Approve("not-an-id".into()))
+        .await;
+    assert!(
+        matches!(malformed, ControlReply::Failed(ref text) if text.contains("not-an-id")),
+        "{malformed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_shared_devices_are_visible_and_unsharing_withdraws_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), &Network::Loopback).await;
+    let server = ServerUnderTest::start(
+        &approved(client.id()),
+        "auto_share = false",
+        Network::Loopback,
+    );
+    let addr = net::parse_server(&server.ticket().await).unwrap();
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, mut events) = client.session(&connection).await.unwrap();
+    assert!(
+        client::list_devices(&session).await.unwrap().is_empty(),
+        "nothing shared by default"
+    );
+    let hidden = "1-1/0525:a4a0/p2p-usb-sim-zero".parse().unwrap();
+    assert!(matches!(
+        usb::open(&session, &hidden).await,
+        Err(UsbError::NotShared(_))
+    ));
+
+    let shared = server
+        .control(ControlRequest::Share(hidden.to_string()))
+        .await;
+    assert!(matches!(shared, ControlReply::Done(_)), "{shared:?}");
+    let devices = client::list_devices(&session).await.unwrap();
+    assert_eq!(devices.len(), 1);
+    let handle = usb::open(&session, &hidden).await.unwrap();
+    assert!(
+        usb::run(&session, transfer(handle, zero::EP_IN, input(64)))
+            .await
+            .is_ok()
+    );
+
+    server
+        .control(ControlRequest::Unshare(hidden.to_string()))
+        .await;
+    assert_eq!(
+        usb::next_event(&mut events, Duration::from_secs(5)).await,
+        Event::DeviceLeft {
+            key: hidden.clone()
+        }
+    );
+    assert!(
+        usb::run(&session, transfer(handle, zero::EP_IN, input(64)))
+            .await
+            .is_err()
+    );
+    assert!(client::list_devices(&session).await.unwrap().is_empty());
+    // Shares survive an agent restart.
+    server
+        .control(ControlRequest::Share(hidden.to_string()))
+        .await;
+    match server.control(ControlRequest::Devices).await {
+        ControlReply::Devices(devices) => {
+            assert!(devices.iter().any(|d| d.device.key == hidden && d.shared))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_path_through_a_local_relay() {
+    let mut relay_config = iroh_relay::server::RelayConfig::new((std::net::Ipv4Addr::LOCALHOST, 0));
+    relay_config.tls = None;
+    let mut config = iroh_relay::server::ServerConfig::default();
+    config.relay = Some(relay_config);
+    config.quic = None;
+    let relay = iroh_relay::server::Server::spawn(config).await.unwrap();
+    let url = format!("http://{}", relay.http_addr().unwrap());
+    let network = Network::RelayOnly(url.clone());
+
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), &network).await;
+    let server = ServerUnderTest::start(&approved(client.id()), "auto_share = true", network);
+    // The ticket carries only the relay: there are no direct addresses.
+    let ticket = loop {
+        let ticket = server.ticket().await;
+        if net::parse_server(&ticket)
+            .unwrap()
+            .relay_urls()
+            .next()
+            .is_some()
+        {
+            break ticket;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let addr = net::parse_server(&ticket).unwrap();
+    assert!(addr.ip_addrs().next().is_none(), "{addr:?}");
+    let before = relay.metrics().server.bytes_recv.get();
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, _events) = client.session(&connection).await.unwrap();
+    let devices = client::list_devices(&session).await.unwrap();
+    assert_eq!(devices.len(), 2);
+    let paths = connection.paths();
+    assert!(
+        !paths.is_empty() && paths.iter().all(|p| p.is_relay()),
+        "every path is relayed"
+    );
+    assert!(
+        relay.metrics().server.bytes_recv.get() > before,
+        "traffic went through the relay"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_an_agent_restart_by_reconnecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), &Network::Loopback).await;
+    let mut server = ServerUnderTest::start(
+        &approved(client.id()),
+        "auto_share = true",
+        Network::Loopback,
+    );
+    let addr = net::parse_server(&server.ticket().await).unwrap();
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, _events) = client.session(&connection).await.unwrap();
+    let key = client::list_devices(&session).await.unwrap()[0].key.clone();
+    let handle = usb::open(&session, &key).await.unwrap();
+    control(
+        &session,
+        handle,
+        0,
+        std_request::SET_CONFIGURATION,
+        zero::CONFIG_LOOPBACK.into(),
+        0,
+        out(Bytes::new()),
+    )
+    .await
+    .unwrap();
+    let (_, pending) = usb::start(&session, transfer(handle, zero::EP_IN, input(512))).await;
+
+    server
+        .agent
+        .as_ref()
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGKILL);
+    server.agent = None;
+    let failed = tokio::time::timeout(Duration::from_secs(45), pending)
+        .await
+        .expect("in-flight transfer ends");
+    assert!(
+        failed.is_err(),
+        "an in-flight transfer fails, it is not replayed"
+    );
+
+    // Same state dir: same identity, same port; the helper released the device.
+    server.start_agent();
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, _events) = client.session(&connection).await.unwrap();
+    let handle = usb::open(&session, &key)
+        .await
+        .expect("device was released by the dead agent's session");
+    // The device kept its loopback configuration; nothing stale is left in it.
+    usb::run(
+        &session,
+        transfer(handle, zero::EP_OUT, out(Bytes::from_static(b"fresh"))),
+    )
+    .await
+    .unwrap();
+    let read = usb::run(&session, transfer(handle, zero::EP_IN, input(512)))
+        .await
+        .unwrap();
+    assert_eq!(&read.data[..], b"fresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_stop_notifies_clients_and_finishes_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), &Network::Loopback).await;
+    let mut server = ServerUnderTest::start(
+        &approved(client.id()),
+        "auto_share = true",
+        Network::Loopback,
+    );
+    server
+        .agent_notify
+        .wait_for("READY=1", Duration::from_secs(15));
+    let addr = net::parse_server(&server.ticket().await).unwrap();
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, mut events) = client.session(&connection).await.unwrap();
+    let key = client::list_devices(&session).await.unwrap()[0].key.clone();
+    usb::open(&session, &key).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let agent = server.agent.as_mut().unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    match usb::next_event(&mut events, Duration::from_secs(5)).await {
+        Event::ShuttingDown { reason } => assert!(reason.contains("shutting down"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let status = agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("stops within 10 s");
+    assert!(status.success(), "{}", agent.output());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    server
+        .agent_notify
+        .wait_for("STOPPING=1", Duration::from_secs(1));
+    // Its device went back: a fresh agent can open it at once.
+    server.start_agent();
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, _events) = client.session(&connection).await.unwrap();
+    assert!(usb::open(&session, &key).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_approved_clients_entry_is_a_config_error() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let config = server_dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[security]\napproved_clients = [\n  \"0000\",\n]\n[agent]\nstate_dir = \"/tmp/x-p2p\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(p2p_usb_tests::bin("p2p-usb-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(p2p_usb_common::exit::CONFIG));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:3", config.display())) && stderr.contains("0000"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_lists_devices_and_explains_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let client_key = dir.path().join("cli.key");
+    let id = p2p_usb_agent::identity::load_or_create(&client_key)
+        .unwrap()
+        .public();
+    let server = ServerUnderTest::start(&approved(id), "auto_share = true", Network::Loopback);
+    let ticket = server.ticket().await;
+    let client_config = dir.path().join("client.toml");
+    std::fs::write(
+        &client_config,
+        format!(
+            "[client]\nsecret_key = \"{}\"\n\n[[servers]]\nname = \"lab\"\nid = \"{}\"\naddrs = [\"{}\"]\n\n[iroh]\nrelay_mode = \"disabled\"\nbind_addr = \"127.0.0.1:0\"\ndns_discovery = false\n",
+            client_key.display(),
+            server.id().await,
+            net::parse_server(&ticket).unwrap().ip_addrs().next().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(p2p_usb_tests::bin("p2p-usb"))
+            .arg("--config")
+            .arg(&client_config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let id_out = run(&["id"]);
+    assert_eq!(
+        String::from_utf8_lossy(&id_out.stdout).trim(),
+        id.to_string()
+    );
+    for server_arg in ["lab", ticket.as_str()] {
+        let listed = run(&["list", server_arg]);
+        let table = String::from_utf8_lossy(&listed.stdout);
+        assert!(
+            listed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+        assert!(
+            table.contains("BUSID") && table.contains("0525:a4a0") && table.contains("0525:a4ac"),
+            "{table}"
+        );
+    }
+    server.control(ControlRequest::Revoke(id.to_string())).await;
+    let refused = run(&["list", "lab"]);
+    assert_eq!(refused.status.code(), Some(p2p_usb_common::exit::NOPERM));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(&format!("p2p-usb-agent approve {id}")),
+        "{stderr}"
+    );
+    let unknown = run(&["list", "nowhere"]);
+    assert_eq!(unknown.status.code(), Some(p2p_usb_common::exit::DATA));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_authorized_per_session_and_replies_stay_matched() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), &Network::Loopback).await;
+    let server = ServerUnderTest::start(
+        &approved(client.id()),
+        "auto_share = true",
+        Network::Loopback,
+    );
+    let addr = net::parse_server(&server.ticket().await).unwrap();
+    let connection = client.connect(&addr).await.unwrap();
+    // Two sessions on one connection have separate handles on the server.
+    let (first, _e1) = client.session(&connection).await.unwrap();
+    let (second, _e2) = client.session(&connection).await.unwrap();
+    let key = client::list_devices(&first).await.unwrap()[0].key.clone();
+    let handle = usb::open(&first, &key).await.unwrap();
+    assert!(matches!(
+        usb::open(&second, &key).await,
+        Err(UsbError::Busy(_))
+    ));
+    let stolen = usb::run(&second, transfer(handle, zero::EP_IN, input(64))).await;
+    assert!(
+        matches!(stolen, Err(UsbError::Invalid(_))),
+        "a handle of another session is unknown: {stolen:?}"
+    );
+    assert_eq!(
+        first.request(Request::Close { handle }).await.unwrap(),
+        Reply::Done
+    );
+    assert!(usb::open(&second, &key).await.is_ok());
+}

@@ -1,0 +1,510 @@
+//! The client's USB/IP gateway, driven by a USB/IP client over loopback TCP:
+//! device list, import, URBs, unlink races, flags, bad input, and the stock
+//! `usbip` tool.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
+use p2p_usb_agent::usbip::gateway::{self, Remote};
+use p2p_usb_agent::usbip::proto::{
+    CmdSubmit, OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, URB_SHORT_NOT_OK, URB_ZERO_PACKET,
+    USBIP_DIR_IN, UrbHeader, encode_import_request,
+};
+use p2p_usb_common::access::AccessList;
+use p2p_usb_common::gadget::{keyboard, zero};
+use p2p_usb_common::proto::std_request;
+use p2p_usb_tests::server::{Network, ServerUnderTest, start_client};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const ECONNRESET: i32 = -104;
+const EPIPE: i32 = -32;
+const EREMOTEIO: i32 = -121;
+const ENOSYS: i32 = -38;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    _server: ServerUnderTest,
+    gateway: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), &Network::Loopback).await;
+    let server = ServerUnderTest::start(
+        &format!("approved_clients = [\"{}\"]", client.id()),
+        "auto_share = true",
+        Network::Loopback,
+    );
+    let remote = Arc::new(Remote::new(
+        client,
+        p2p_usb_agent::net::parse_server(&server.ticket().await).unwrap(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(gateway::serve(
+        listener,
+        remote,
+        AccessList::default(),
+        stop.clone(),
+    ));
+    Setup {
+        _dir: dir,
+        _server: server,
+        gateway,
+        stop,
+    }
+}
+
+async fn import(setup: &Setup, vid: u16, pid: u16) -> Imported {
+    let list = usbip::devlist(setup.gateway).await.unwrap();
+    let busid = list
+        .iter()
+        .find(|e| e.device.id_vendor == vid && e.device.id_product == pid)
+        .unwrap()
+        .device
+        .busid
+        .clone();
+    usbip::import(setup.gateway, &busid).await.unwrap()
+}
+
+async fn set_config(device: &Imported, value: u8) {
+    let result = device
+        .control(
+            0x00,
+            std_request::SET_CONFIGURATION,
+            value.into(),
+            0,
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.status, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devlist_describes_the_shared_devices() {
+    let setup = setup().await;
+    let list = usbip::devlist(setup.gateway).await.unwrap();
+    assert_eq!(list.len(), 2);
+    let zero_entry = list
+        .iter()
+        .find(|e| e.device.id_product == zero::PID)
+        .unwrap();
+    assert_eq!(zero_entry.device.busid, "1-1");
+    assert_eq!(zero_entry.device.speed, 3, "high speed");
+    assert_eq!(
+        zero_entry.device.configuration_value,
+        zero::CONFIG_SOURCE_SINK
+    );
+    assert_eq!(zero_entry.device.num_configurations, 2);
+    assert_eq!(zero_entry.interfaces.len(), 1);
+    assert_eq!(zero_entry.interfaces[0].class, 0xff);
+    let kbd = list
+        .iter()
+        .find(|e| e.device.id_product == keyboard::PID)
+        .unwrap();
+    assert_eq!(
+        (
+            kbd.interfaces[0].class,
+            kbd.interfaces[0].subclass,
+            kbd.interfaces[0].protocol
+        ),
+        (3, 1, 1)
+    );
+    assert_eq!(kbd.device.speed, 2, "full speed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_device_moves_data_with_many_urbs_in_flight() {
+    let setup = setup().await;
+    let device = import(&setup, zero::VID, zero::PID).await;
+    assert_eq!(device.device.busid, "1-1");
+    set_config(&device, zero::CONFIG_LOOPBACK).await;
+    let mut reads = Vec::new();
+    for _ in 0..16 {
+        reads.push(
+            device
+                .submit(zero::EP_IN, [0; 8], UrbData::In(16384), 0)
+                .await
+                .unwrap()
+                .1,
+        );
+    }
+    let payloads: Vec<Bytes> = (0..16u8)
+        .map(|i| Bytes::from(vec![i; 1000 + usize::from(i) * 700]))
+        .collect();
+    let mut writes = Vec::new();
+    for payload in &payloads {
+        writes.push(
+            device
+                .submit(zero::EP_OUT, [0; 8], UrbData::Out(payload.clone()), 0)
+                .await
+                .unwrap()
+                .1,
+        );
+    }
+    for (write, payload) in writes.into_iter().zip(&payloads) {
+        let result = write.await.unwrap();
+        assert_eq!((result.status, result.actual_length), (0, payload.len()));
+    }
+    for (read, payload) in reads.into_iter().zip(&payloads) {
+        let result = read.await.unwrap();
+        assert_eq!(result.status, 0);
+        assert_eq!(result.data, *payload, "URB data and order kept");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlink_of_a_pending_urb_answers_ret_unlink_and_never_ret_submit() {
+    let setup = setup().await;
+    let device = import(&setup, zero::VID, zero::PID).await;
+    set_config(&device, zero::CONFIG_LOOPBACK).await;
+    // Nothing to read yet: the IN stays pending until unlinked.
+    let (seqnum, pending) = device
+        .submit(zero::EP_IN, [0; 8], UrbData::In(512), 0)
+        .await
+        .unwrap();
+    let unlinked = device.unlink(seqnum).await.unwrap();
+    assert_eq!(unlinked.await.unwrap(), ECONNRESET);
+    // The URB's own reply never comes: its waiter is dropped with the connection.
+    let later = device
+        .transfer(zero::EP_OUT, UrbData::Out(Bytes::from_static(b"after")), 0)
+        .await
+        .unwrap();
+    assert_eq!(later.status, 0);
+    let read = device
+        .transfer(zero::EP_IN, UrbData::In(512), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        &read.data[..],
+        b"after",
+        "the unlinked IN did not swallow the data"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), pending)
+            .await
+            .is_err(),
+        "no RET_SUBMIT after RET_UNLINK"
+    );
+
+    // Unlinking an URB that already completed: RET_UNLINK with status 0.
+    let (done, result) = device
+        .submit(
+            zero::EP_OUT,
+            [0; 8],
+            UrbData::Out(Bytes::from_static(b"x")),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.await.unwrap().status, 0);
+    assert_eq!(device.unlink(done).await.unwrap().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlink_racing_completion_gets_exactly_one_answer() {
+    let setup = setup().await;
+    let device = import(&setup, zero::VID, zero::PID).await;
+    set_config(&device, zero::CONFIG_SOURCE_SINK).await;
+    // Source IN completes at once: unlinks race the completions. A RET_SUBMIT
+    // may only come if the unlink found nothing to cancel (status 0).
+    for _ in 0..50 {
+        let (seqnum, submitted) = device
+            .submit(zero::EP_IN, [0; 8], UrbData::In(512), 0)
+            .await
+            .unwrap();
+        let unlinked = device.unlink(seqnum).await.unwrap().await.unwrap();
+        let ret_submit = tokio::time::timeout(Duration::from_millis(200), submitted).await;
+        match (unlinked, ret_submit) {
+            // The URB completed before the unlink: both answers go out.
+            (0, Ok(Ok(result))) => assert_eq!(result.actual_length, 512),
+            // Unlinked (or completed while being unlinked, as usbip-host
+            // reports it): RET_UNLINK only.
+            (0 | ECONNRESET, Err(_)) => {}
+            other => panic!("inconsistent answers: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_length_packets_flags_stalls_and_isochronous() {
+    let setup = setup().await;
+    let device = import(&setup, zero::VID, zero::PID).await;
+    set_config(&device, zero::CONFIG_LOOPBACK).await;
+    let zlp = device
+        .transfer(zero::EP_OUT, UrbData::Out(Bytes::new()), URB_ZERO_PACKET)
+        .await
+        .unwrap();
+    assert_eq!((zlp.status, zlp.actual_length), (0, 0));
+    let read = device
+        .transfer(zero::EP_IN, UrbData::In(512), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (read.status, read.actual_length),
+        (0, 0),
+        "the ZLP is a transfer of its own"
+    );
+
+    device
+        .transfer(zero::EP_OUT, UrbData::Out(Bytes::from_static(b"short")), 0)
+        .await
+        .unwrap();
+    let strict = device
+        .transfer(zero::EP_IN, UrbData::In(512), URB_SHORT_NOT_OK)
+        .await
+        .unwrap();
+    assert_eq!(strict.status, EREMOTEIO);
+
+    let stall = device
+        .control(
+            zero::control::VENDOR_OUT,
+            zero::control::STALL_ENDPOINT,
+            zero::EP_IN.into(),
+            0,
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stall.status, 0);
+    assert_eq!(
+        device
+            .transfer(zero::EP_IN, UrbData::In(512), 0)
+            .await
+            .unwrap()
+            .status,
+        EPIPE
+    );
+    let cleared = device
+        .control(
+            0x02,
+            std_request::CLEAR_FEATURE,
+            0,
+            zero::EP_IN.into(),
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        cleared.status, 0,
+        "CLEAR_FEATURE(HALT) mapped to the real operation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isochronous_urbs_are_refused_with_their_packets_echoed() {
+    let setup = setup().await;
+    let list = usbip::devlist(setup.gateway).await.unwrap();
+    let busid = list
+        .iter()
+        .find(|e| e.device.id_product == zero::PID)
+        .unwrap()
+        .device
+        .busid
+        .clone();
+    let mut stream = import_raw(setup.gateway, &busid).await;
+    let mut urb = UrbHeader::Submit(CmdSubmit {
+        seqnum: 9,
+        devid: 0,
+        direction: USBIP_DIR_IN,
+        ep: 2,
+        transfer_flags: 0,
+        transfer_buffer_length: 3072,
+        start_frame: 0,
+        number_of_packets: 3,
+        interval: 1,
+        setup: [0; 8],
+    })
+    .encode()
+    .to_vec();
+    for i in 0..3u32 {
+        urb.extend_from_slice(
+            &[
+                &(i * 1024).to_be_bytes()[..],
+                &1024u32.to_be_bytes(),
+                &[0; 8],
+            ]
+            .concat(),
+        );
+    }
+    stream.write_all(&urb).await.unwrap();
+    let mut header = [0u8; 48];
+    stream.read_exact(&mut header).await.unwrap();
+    match UrbHeader::decode(&header).unwrap() {
+        UrbHeader::RetSubmit(ret) => {
+            assert_eq!(
+                (
+                    ret.seqnum,
+                    ret.status,
+                    ret.actual_length,
+                    ret.number_of_packets
+                ),
+                (9, ENOSYS, 0, 3)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut descriptors = [0u8; 48];
+    stream.read_exact(&mut descriptors).await.unwrap();
+    for packet in descriptors.chunks(16) {
+        assert_eq!(
+            i32::from_be_bytes(packet[12..16].try_into().unwrap()),
+            ENOSYS
+        );
+    }
+}
+
+async fn import_raw(gateway: SocketAddr, busid: &str) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let mut request = OpHeader::new(OP_REQ_IMPORT, 0).encode().to_vec();
+    request.extend_from_slice(&encode_import_request(busid).unwrap());
+    stream.write_all(&request).await.unwrap();
+    let mut reply = [0u8; OP_HEADER_LEN + 312];
+    stream.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "import accepted");
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_headers_close_only_their_connection() {
+    let setup = setup().await;
+    let list = usbip::devlist(setup.gateway).await.unwrap();
+    let busid = list
+        .iter()
+        .find(|e| e.device.id_product == zero::PID)
+        .unwrap()
+        .device
+        .busid
+        .clone();
+    let mut bad = import_raw(setup.gateway, &busid).await;
+    let mut garbage = [0u8; 48];
+    garbage[3] = 7; // unknown URB command
+    bad.write_all(&garbage).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), bad.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "connection closed after an unknown command"
+    );
+
+    // The device was released with that connection and imports again.
+    let device = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match usbip::import(setup.gateway, &busid).await {
+                Ok(device) => break device,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        device
+            .transfer(zero::EP_IN, UrbData::In(64), 0)
+            .await
+            .unwrap()
+            .status,
+        0
+    );
+
+    // An unknown busid and a bad operation code are refused cleanly.
+    assert!(matches!(
+        usbip::import(setup.gateway, "9-9").await,
+        Err(usbip::UsbipClientError::Refused(4))
+    ));
+    let mut odd = tokio::net::TcpStream::connect(setup.gateway).await.unwrap();
+    odd.write_all(&OpHeader::new(0x1234, 0).encode())
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), odd.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(closed, Ok(0) | Err(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyboard_reports_arrive_through_usbip() {
+    let setup = setup().await;
+    let device = import(&setup, keyboard::VID, keyboard::PID).await;
+    let mut reports = Vec::new();
+    for _ in 0.."p2p-usb\n".len() * 2 {
+        let report = device
+            .transfer(keyboard::EP_REPORTS, UrbData::In(8), 0)
+            .await
+            .unwrap();
+        assert_eq!(report.status, 0);
+        reports.push(report.data);
+    }
+    assert_eq!(
+        keyboard::text_of_reports(reports.iter().map(|r| &r[..])),
+        "p2p-usb\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_users_outside_the_allowed_set_are_refused() {
+    if !p2p_usb_tests::is_root() {
+        eprintln!("needs root to connect as another local user");
+        return;
+    }
+    let setup = setup().await;
+    // Connect as uid 65534 and send a device-list request: no answer, closed.
+    let port = setup.gateway.port();
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port}; printf '\\x01\\x11\\x80\\x05\\x00\\x00\\x00\\x00' >&3; timeout 5 cat <&3 | wc -c"
+    );
+    let output = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .uid(p2p_usb_tests::NOBODY)
+        .gid(p2p_usb_tests::NOBODY)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "0",
+        "nobody got a device list"
+    );
+    // The gateway's own user still gets one.
+    assert_eq!(usbip::devlist(setup.gateway).await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_usbip_tool_lists_the_exported_devices() {
+    let setup = setup().await;
+    let output = tokio::process::Command::new("usbip")
+        .args([
+            "--tcp-port",
+            &setup.gateway.port().to_string(),
+            "list",
+            "-r",
+            "127.0.0.1",
+        ])
+        .output()
+        .await
+        .expect("the `usbip` tool (Debian package usbip) is needed; .ci/run installs it");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("1-1") && text.contains("0525:a4a0"), "{text}");
+    assert!(text.contains("1-2") && text.contains("0525:a4ac"), "{text}");
+}

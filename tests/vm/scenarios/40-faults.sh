@@ -1,0 +1,166 @@
+#!/bin/bash
+# vm-timeout: 600
+# Faults under real systemd and a real kernel, with the stick attached through the stack:
+#  A. kill -9 of the helper during a read: systemd restarts it (Restart=on-failure), the
+#     reader gets an answer (data or an I/O error, never a hang), the client re-attaches.
+#  B. SIGSTOP of the agent: the watchdog (shortened to 5 s by a drop-in) restarts it.
+#  C. hot-unplug of the stick mid-transfer: pending transfers fail, the client detaches
+#     cleanly, and attaches again when the stick is plugged back.
+#  D. `systemctl stop p2p-usb-server.target` while attached: done within 10 s, and the
+#     stick is back on its local kernel driver.
+# The harness fails the run on any Oops/BUG/hung task in dmesg.
+set -euo pipefail
+# shellcheck source=tests/vm/scenarios/lib.sh source-path=SCRIPTDIR
+. "$(dirname "$0")/lib.sh"
+p2p_traps
+p2p_setup
+dmesg_mark /run/vmtest-40.dmesg
+
+stick=$(wait_for 30 "usb-storage stick $VM_STICK_VIDPID" usb_busid "$VM_STICK_VIDPID")
+
+# start_reader DEV ROUNDS: reads DEV ROUNDS times in the background (O_DIRECT);
+# the exit status of the first failing dd ends up in /run/vmtest-40.reader.
+start_reader() {
+  rm -f /run/vmtest-40.reader
+  (
+    rc=0
+    for _ in $(seq "$2"); do
+      dd if="$1" of=/dev/null bs=1M iflag=direct status=none 2>/run/vmtest-40.reader.err || { rc=$?; break; }
+    done
+    echo "$rc" >/run/vmtest-40.reader
+  ) &
+}
+reader_done() { [ -s /run/vmtest-40.reader ]; }
+
+# attach_stick NAME: attach the stick as the client user; VDEV = the vhci block device.
+attach_stick() {
+  p2p_attach "$1" "$P2P_USER" "$stick"
+  local v
+  v=$(wait_vhci "$VM_STICK_VIDPID" 60) || { show_attach "$1"; fail "no vhci copy of the stick ($1)"; }
+  VDEV=$(wait_for 60 "block device of vhci $v" usb_blockdev "$v")
+}
+
+# === A. kill -9 of the helper during a read ===========================================
+log "A: kill -9 of the helper during a read"
+attach_stick A
+vdev=$VDEV
+hpid=$(main_pid p2p-usb-helper.service)
+nr0=$(unit_prop p2p-usb-helper.service NRestarts)
+start_reader "$vdev" 20
+sleep 1.5
+reader_done && fail "A: the reader finished before the kill; nothing was tested"
+kill -KILL "$hpid"
+log "A: killed helper pid $hpid"
+wait_for 60 "A: reader to end (data or error, not a hang)" reader_done
+log "A: reader ended with status $(cat /run/vmtest-40.reader): $(head -c 200 /run/vmtest-40.reader.err)"
+wait_for 60 "A: helper restarted by systemd" sh -c "[ \"\$(systemctl show -p NRestarts --value p2p-usb-helper.service)\" -gt $nr0 ]"
+p2p_wait_ready 60
+[ "$(main_pid p2p-usb-helper.service)" != "$hpid" ] || fail "A: helper pid unchanged"
+log "A: helper restarted (NRestarts $nr0 -> $(unit_prop p2p-usb-helper.service NRestarts)), pid $(main_pid p2p-usb-helper.service)"
+journal_since /dev/null -u p2p-usb-helper.service -n 5 | indent "journal"
+# The client either attached again by the stable key, or ended with an error message.
+if wait_for 90 "A: vhci copy back" vhci_busid "$VM_STICK_VIDPID" >/dev/null 2>&1 &&
+  attach_running A; then
+  v=$(vhci_busid "$VM_STICK_VIDPID")
+  vdev=$(wait_for 60 "block device of re-attached $v" usb_blockdev "$v")
+  expect_stick_sha256 "$vdev"
+  log "A: client re-attached by itself; all bytes still right"
+  metric fault_helper_kill_reattached 1 bool
+else
+  show_attach A
+  attach_running A && fail "A: client neither re-attached nor exited"
+  grep -q "error" "$(attach_log A)" || fail "A: client exited without saying why"
+  metric fault_helper_kill_reattached 0 bool
+fi
+show_attach A
+p2p_detach A 30
+wait_no_vhci "$VM_STICK_VIDPID" 30
+wait_for 30 "A: stick back on usb-storage" usb_blockdev "$stick" >/dev/null ||
+  fail "A: stick not back on usb-storage after detach"
+
+# === B. SIGSTOP of the agent: the watchdog restarts it =================================
+log "B: SIGSTOP of the agent with WatchdogSec=5s"
+dropin=/etc/systemd/system/p2p-usb-agent.service.d/90-vmtest-watchdog.conf
+mkdir -p "${dropin%/*}"
+printf '[Service]\nWatchdogSec=5s\n' >"$dropin"
+on_exit 'rm -f '"$dropin"'; systemctl daemon-reload; systemctl restart p2p-usb-agent.service'
+systemctl daemon-reload
+systemctl restart p2p-usb-agent.service
+p2p_wait_ready 60
+[ "$(unit_prop p2p-usb-agent.service WatchdogUSec)" = 5s ] || fail "B: drop-in not applied: WatchdogUSec=$(unit_prop p2p-usb-agent.service WatchdogUSec)"
+# Healthy for 3 watchdog periods first: the agent pings on time.
+apid=$(main_pid p2p-usb-agent.service)
+sleep 15
+[ "$(main_pid p2p-usb-agent.service)" = "$apid" ] || fail "B: healthy agent was restarted (pings missing?)"
+journal_mark /run/vmtest-40.cursor
+nr0=$(unit_prop p2p-usb-agent.service NRestarts)
+kill -STOP "$apid"
+t0=$(date +%s%N)
+log "B: stopped agent pid $apid"
+wait_for 60 "B: agent restarted" sh -c "[ \"\$(systemctl show -p NRestarts --value p2p-usb-agent.service)\" -gt $nr0 ]"
+t1=$(date +%s%N)
+p2p_wait_ready 60
+[ "$(main_pid p2p-usb-agent.service)" != "$apid" ] || fail "B: agent pid unchanged"
+journal_since /run/vmtest-40.cursor -u p2p-usb-agent.service | indent "journal" | head -n 20
+journal_since /run/vmtest-40.cursor -u p2p-usb-agent.service | grep -q "Watchdog timeout" ||
+  fail "B: restart was not caused by the watchdog"
+metric fault_agent_watchdog_restart_s "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')" s
+as_tester p2p-usb list "$P2P_SERVER" | grep -qw "$VM_STICK_VIDPID" || fail "B: restarted agent does not serve the client"
+log "B: watchdog restarted the hung agent; it serves again"
+rm -f "$dropin"
+systemctl daemon-reload
+systemctl restart p2p-usb-agent.service
+p2p_wait_ready 60
+
+# === C. hot-unplug mid-transfer ========================================================
+log "C: hot-unplug of the stick during a read"
+attach_stick C
+vdev=$VDEV
+start_reader "$vdev" 20
+sleep 1.5
+reader_done && fail "C: the reader finished before the unplug; nothing was tested"
+on_exit 'vmctl devices | grep -qx stick || vmctl plug stick'
+vmctl unplug stick
+log "C: unplugged"
+wait_for 60 "C: reader to end" reader_done
+rc=$(cat /run/vmtest-40.reader)
+log "C: reader ended with status $rc: $(head -c 200 /run/vmtest-40.reader.err)"
+[ "$rc" != 0 ] || fail "C: reading the unplugged stick succeeded"
+wait_no_vhci "$VM_STICK_VIDPID" 30
+attach_running C || { show_attach C; fail "C: client exited instead of waiting for the stick"; }
+show_attach C
+grep -q "left the server" "$(attach_log C)" || fail "C: client did not report the device leaving"
+vmctl plug stick
+stick=$(wait_for 30 "C: stick plugged back" usb_busid "$VM_STICK_VIDPID")
+log "C: stick back as $stick"
+v=$(wait_for 90 "C: client re-attached after plug" vhci_busid "$VM_STICK_VIDPID") || { show_attach C; fail "C: no re-attach after plug"; }
+vdev=$(wait_for 60 "block device of re-attached $v" usb_blockdev "$v")
+expect_stick_sha256 "$vdev"
+log "C: re-attached after plug; all bytes right"
+
+# === D. stop the target while attached =================================================
+log "D: systemctl stop p2p-usb-server.target while attached"
+t0=$(date +%s%N)
+systemctl stop p2p-usb-server.target
+t1=$(date +%s%N)
+stop_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
+metric server_stop_while_attached_s "$stop_s" s
+awk -v s="$stop_s" 'BEGIN { exit !(s < 10) }' || fail "D: stop took ${stop_s}s (limit 10 s)"
+for u in "${P2P_UNITS[@]}"; do
+  st=$(unit_prop "$u" ActiveState)
+  [ "$st" = inactive ] || fail "D: $u is $st after stop"
+done
+journal_since /dev/null -u p2p-usb-helper.service -u p2p-usb-agent.service -n 12 | indent "journal"
+wait_for 10 "D: stick back on usb-storage" usb_blockdev "$stick" >/dev/null
+wait_no_vhci "$VM_STICK_VIDPID" 30
+log "D: stopped in ${stop_s}s; $stick back on usb-storage as $(usb_blockdev "$stick")"
+show_attach C
+p2p_detach C 30
+systemctl start p2p-usb-server.target
+p2p_wait_ready 60
+expect_stick_sha256 "$(usb_blockdev "$stick")"
+
+dmesg_since /run/vmtest-40.dmesg | indent "dmesg" | tail -n 80
+if dmesg_since /run/vmtest-40.dmesg | grep -E 'blocked for more than|hung_task|Oops|BUG:' >/dev/null; then
+  fail "kernel trouble during the faults"
+fi
