@@ -5,9 +5,10 @@
 //! that is well-formed but whose body does not decode is reported as
 //! [`Malformed`] without ending the stream, so the receiver can answer it.
 
+use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
@@ -82,7 +83,7 @@ impl<T: DeserializeOwned> Decoder for MessageCodec<T> {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok(Some(decode_body(&frame)))
+        Ok(Some(decode_frame(frame.freeze())))
     }
 }
 
@@ -111,6 +112,152 @@ impl<T: Serialize> Encoder<T> for MessageCodec<T> {
 fn is_length_error(e: &std::io::Error) -> bool {
     e.get_ref()
         .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>())
+}
+
+thread_local! {
+    /// The frame being decoded on this thread, so payloads can be sliced out
+    /// of it instead of copied (see [`payload`]).
+    static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Decodes one frame body whose payload fields (`#[serde(with = "payload")]`)
+/// become slices of `frame`: a 64 KiB transfer is not copied on the way in.
+pub fn decode_frame<T: DeserializeOwned>(frame: Bytes) -> Result<T, Malformed> {
+    FRAME.with(|current| *current.borrow_mut() = Some(frame.clone()));
+    let decoded = decode_body(&frame);
+    FRAME.with(|current| current.borrow_mut().take());
+    decoded
+}
+
+/// Serde glue for transfer payloads: written as MessagePack `bin`, read as a
+/// zero-copy slice of the frame when decoded through [`decode_frame`].
+pub mod payload {
+    use bytes::Bytes;
+    use serde::de::{self, Deserializer, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+
+    use super::FRAME;
+
+    /// Writes the bytes as one `bin` value.
+    pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    /// Reads a `bin` value, slicing it out of the frame being decoded.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        deserializer.deserialize_bytes(PayloadVisitor)
+    }
+
+    struct PayloadVisitor;
+
+    impl<'de> Visitor<'de> for PayloadVisitor {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a byte payload")
+        }
+
+        fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+            Ok(FRAME.with(|current| match current.borrow().as_ref() {
+                Some(frame) => {
+                    let base = frame.as_ptr() as usize;
+                    let start = v.as_ptr() as usize;
+                    if start >= base && start + v.len() <= base + frame.len() {
+                        frame.slice(start - base..start - base + v.len())
+                    } else {
+                        Bytes::copy_from_slice(v)
+                    }
+                }
+                None => Bytes::copy_from_slice(v),
+            }))
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v))
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element::<u8>()? {
+                bytes.push(byte);
+            }
+            Ok(Bytes::from(bytes))
+        }
+    }
+}
+
+/// What a frame carries, read from its first bytes only: enough for the
+/// agent to route and authorize without decoding (or copying) transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind<'a> {
+    /// A request with its id and the name of its kind (e.g. `Submit`).
+    Request {
+        id: RequestId,
+        kind: &'a str,
+    },
+    Reply {
+        id: RequestId,
+    },
+    Event,
+    Hello,
+    /// Not a message this build knows; decode it to get the details.
+    Unknown,
+}
+
+/// Peeks at a frame body without decoding it.
+pub fn peek(body: &[u8]) -> FrameKind<'_> {
+    fn inner(body: &[u8]) -> Option<FrameKind<'_>> {
+        let mut rest = body;
+        if rmp::decode::read_map_len(&mut rest).ok()? != 1 {
+            return None;
+        }
+        let (tag, mut rest) = rmp::decode::read_str_from_slice(rest).ok()?;
+        match tag {
+            "Hello" => Some(FrameKind::Hello),
+            "Event" => Some(FrameKind::Event),
+            "Request" | "Reply" => {
+                if rmp::decode::read_array_len(&mut rest).ok()? != 2 {
+                    return None;
+                }
+                let id: RequestId = rmp::decode::read_int(&mut rest).ok()?;
+                if tag == "Reply" {
+                    return Some(FrameKind::Reply { id });
+                }
+                // A unit variant is a bare string; others a one-entry map.
+                let kind = match rmp::decode::read_str_from_slice(rest) {
+                    Ok((kind, _)) => kind,
+                    Err(_) => {
+                        if rmp::decode::read_map_len(&mut rest).ok()? != 1 {
+                            return None;
+                        }
+                        rmp::decode::read_str_from_slice(rest).ok()?.0
+                    }
+                };
+                Some(FrameKind::Request { id, kind })
+            }
+            _ => None,
+        }
+    }
+    inner(body).unwrap_or(FrameKind::Unknown)
+}
+
+/// Encodes a message as a frame body (without the length prefix).
+pub fn encode_body(message: &Message) -> Result<Bytes, CodecError> {
+    Ok(Bytes::from(rmp_serde::to_vec(message)?))
+}
+
+/// The raw framing alone, for the agent, which forwards frames it does not
+/// need to decode. Same wire format and size limit as [`MessageCodec`].
+pub fn frame_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(LENGTH_PREFIX)
+        .big_endian()
+        .max_frame_length(MAX_FRAME_LEN)
+        .new_codec()
 }
 
 /// Decodes one frame body; on failure recovers the request id if it can.
@@ -282,6 +429,83 @@ mod tests {
         assert!(codec.decode(&mut buf).unwrap().is_some());
     }
 
+    #[test]
+    fn payloads_are_sliced_out_of_the_frame_not_copied() {
+        let message = Message::Reply {
+            id: 9,
+            body: Ok(Reply::Transferred(Completion {
+                actual_length: 4096,
+                data: Bytes::from(vec![7u8; 4096]),
+            })),
+        };
+        let frame = Bytes::from(rmp_serde::to_vec(&message).unwrap());
+        let decoded: Message = decode_frame(frame.clone()).unwrap();
+        let Message::Reply {
+            body: Ok(Reply::Transferred(c)),
+            ..
+        } = &decoded
+        else {
+            panic!("{decoded:?}")
+        };
+        let (base, start) = (frame.as_ptr() as usize, c.data.as_ptr() as usize);
+        assert!(
+            start > base && start + c.data.len() <= base + frame.len(),
+            "payload points into the frame"
+        );
+        assert_eq!(decoded, message);
+        // Outside decode_frame the same bytes are copied, still correctly.
+        assert_eq!(decode_body::<Message>(&frame).unwrap(), message);
+    }
+
+    #[test]
+    fn peek_reads_kind_and_id_without_decoding() {
+        let submit = Message::Request {
+            id: 300,
+            body: Request::Submit(Transfer {
+                handle: 1,
+                endpoint: 0x81,
+                setup: None,
+                data: TransferData::In { length: 64 },
+                flags: TransferFlags::default(),
+                timeout_ms: None,
+            }),
+        };
+        let body = encode_body(&submit).unwrap();
+        assert_eq!(
+            peek(&body),
+            FrameKind::Request {
+                id: 300,
+                kind: "Submit"
+            }
+        );
+        let list = encode_body(&Message::Request {
+            id: u64::MAX,
+            body: Request::ListDevices,
+        })
+        .unwrap();
+        assert_eq!(
+            peek(&list),
+            FrameKind::Request {
+                id: u64::MAX,
+                kind: "ListDevices"
+            }
+        );
+        let reply = encode_body(&Message::Reply {
+            id: 5,
+            body: Err(UsbError::Stall),
+        })
+        .unwrap();
+        assert_eq!(peek(&reply), FrameKind::Reply { id: 5 });
+        let event =
+            encode_body(&Message::Event(Event::ShuttingDown { reason: "x".into() })).unwrap();
+        assert_eq!(peek(&event), FrameKind::Event);
+        assert_eq!(
+            peek(&encode_body(&Message::Hello(Hello::new("t"))).unwrap()),
+            FrameKind::Hello
+        );
+        assert_eq!(peek(&[0xc1, 0x00]), FrameKind::Unknown);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -297,10 +521,12 @@ mod tests {
             }
         }
 
-        /// Well-framed random bodies never panic the body decoder.
+        /// Well-framed random bodies never panic the body decoder or the peek.
         #[test]
         fn body_decoder_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_body::<Message>(&body);
+            let _ = decode_frame::<Message>(Bytes::from(body.clone()));
+            let _ = peek(&body);
         }
     }
 }

@@ -186,7 +186,7 @@ pub struct Transfer {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub enum TransferData {
     In { length: u32 },
-    Out(Bytes),
+    Out(#[serde(with = "crate::codec::payload")] Bytes),
 }
 
 impl TransferData {
@@ -234,6 +234,7 @@ pub struct Completion {
     /// Bytes moved; for IN equal to `data.len()`.
     pub actual_length: u32,
     /// IN data, truncated to what the device sent; empty for OUT.
+    #[serde(with = "crate::codec::payload")]
     pub data: Bytes,
 }
 

@@ -3,45 +3,35 @@
 //! helper, and the agent only decides who may talk (EndpointId approval) and
 //! which devices they see (shares), forwarding transfers untouched.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointId, Watcher};
 use p2p_usb_common::access::AccessList;
-use p2p_usb_common::codec::MessageCodec;
 use p2p_usb_common::config::{ConfigError, ConfigFile, ServerConfig};
 use p2p_usb_common::exit;
-use p2p_usb_common::link::{self, handshake};
-use p2p_usb_common::proto::{
-    DeviceKey, Event, Handle, Message, Reply, Request, RequestId, UsbError,
-};
+use p2p_usb_common::proto::DeviceKey;
 use p2p_usb_common::service::{self, ListenError, Watchdog};
-use tokio::io::AsyncRead;
-use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{
     self, ClientSummary, ControlHandler, ControlReply, ControlRequest, SharedDevice,
 };
-use crate::helper_link::{self, HelperState, SOFTWARE};
+use crate::helper_link::{self, HelperState};
 use crate::identity::{self, IdentityError};
 use crate::net::{self, NetError, close};
 use crate::policy::{Policy, PolicyError, PolicyLoadError};
+use crate::session;
 
 /// How long start-up waits for the helper before reporting READY anyway,
 /// with a STATUS saying what it is waiting for.
 pub const READY_WAIT: Duration = Duration::from_secs(10);
 /// How long sessions get to wind down on stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// Request ids the agent itself uses on a session's helper link; clients
-/// count up from 1 and never reach them.
-const INTERNAL_IDS: RequestId = 1 << 63;
 
 /// Paths the agent uses, from the config unless overridden on the command line
 /// (the template units pass per-instance paths).
@@ -108,20 +98,21 @@ impl From<PolicyLoadError> for AgentError {
     }
 }
 
+/// What the agent tracks of a connected client, for `clients`.
 #[derive(Debug, Default)]
-struct ClientRecord {
-    address: String,
-    sessions: usize,
-    devices: BTreeSet<String>,
+pub(crate) struct ClientRecord {
+    pub(crate) address: String,
+    pub(crate) sessions: usize,
+    pub(crate) devices: BTreeSet<String>,
 }
 
 /// The running agent, shared by its tasks.
-struct Agent {
-    paths: AgentPaths,
-    policy: Policy,
+pub(crate) struct Agent {
+    pub(crate) paths: AgentPaths,
+    pub(crate) policy: Policy,
     endpoint: Endpoint,
     helper: watch::Receiver<HelperState>,
-    clients: Mutex<HashMap<EndpointId, ClientRecord>>,
+    pub(crate) clients: Mutex<HashMap<EndpointId, ClientRecord>>,
     shutdown: CancellationToken,
 }
 
@@ -418,7 +409,7 @@ async fn serve_connection(agent: Arc<Agent>, connection: Connection, address: St
         tokio::select! {
             stream = connection.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    sessions.spawn(run_session(agent.clone(), client, send, recv, stop.child_token()));
+                    sessions.spawn(session::run(agent.clone(), client, send, recv, stop.child_token()));
                 }
                 Err(e) => {
                     tracing::info!(client = %client, "client disconnected: {e}");
@@ -443,309 +434,4 @@ async fn serve_connection(agent: Arc<Agent>, connection: Connection, address: St
     .await;
     connection.close(code.into(), reason);
     agent.clients.lock().expect("clients lock").remove(&client);
-}
-
-/// What a session remembers to authorize and filter without touching transfers.
-#[derive(Default)]
-struct SessionState {
-    /// `ListDevices` requests whose replies must be filtered by shares.
-    lists: HashSet<RequestId>,
-    /// `Open` requests in flight and the device each names.
-    opens: HashMap<RequestId, DeviceKey>,
-    /// Open devices of this session.
-    opened: HashMap<Handle, DeviceKey>,
-    /// Requests the agent sent itself; their replies are not forwarded.
-    internal: HashSet<RequestId>,
-    next_internal: RequestId,
-}
-
-/// One client session: a bidirectional stream proxied to its own helper link.
-/// When the session ends, dropping the helper link makes the helper release
-/// every device the session held.
-async fn run_session(
-    agent: Arc<Agent>,
-    client: EndpointId,
-    send: SendStream,
-    recv: RecvStream,
-    stop: CancellationToken,
-) {
-    let mut from_client = FramedRead::new(recv, MessageCodec::<Message>::default());
-    let mut client_writer = FramedWrite::new(send, MessageCodec::<Message>::default());
-    if let Err(e) = handshake(&mut from_client, &mut client_writer, SOFTWARE).await {
-        tracing::debug!(client = %client, "session handshake failed: {e}");
-        return;
-    }
-    let client_closed = CancellationToken::new();
-    let (to_client, client_queue) = mpsc::channel(1024);
-    tokio::spawn(link::write_loop(
-        client_writer,
-        client_queue,
-        client_closed.clone(),
-    ));
-
-    let (from_helper, to_helper, helper_closed) = match open_helper_link(&agent).await {
-        Ok(link) => link,
-        Err(reason) => {
-            tracing::warn!(client = %client, "session refused: {reason}");
-            let _ = to_client
-                .send(Message::Event(Event::ShuttingDown { reason }))
-                .await;
-            // Give the writer a moment to flush the notice.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            client_closed.cancel();
-            return;
-        }
-    };
-    agent
-        .clients
-        .lock()
-        .expect("clients lock")
-        .entry(client)
-        .or_default()
-        .sessions += 1;
-    tracing::debug!(client = %client, "session started");
-
-    let state = Arc::new(Mutex::new(SessionState {
-        next_internal: INTERNAL_IDS,
-        ..SessionState::default()
-    }));
-    let mut upstream = tokio::spawn(client_to_helper(
-        agent.clone(),
-        from_client,
-        to_helper.clone(),
-        to_client.clone(),
-        state.clone(),
-    ));
-    let mut downstream = tokio::spawn(helper_to_client(
-        agent.clone(),
-        client,
-        from_helper,
-        to_client.clone(),
-        state.clone(),
-    ));
-    let mut policy = agent.policy.subscribe();
-    loop {
-        tokio::select! {
-            _ = &mut upstream => break,
-            _ = &mut downstream => break,
-            _ = client_closed.cancelled() => break,
-            _ = helper_closed.cancelled() => break,
-            _ = policy.changed() => withdraw_unshared(&agent, &state, &to_helper, &to_client).await,
-            _ = stop.cancelled() => {
-                let _ = to_client.send(Message::Event(Event::ShuttingDown {
-                    reason: "server is shutting down".into(),
-                })).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                break;
-            }
-        }
-    }
-    upstream.abort();
-    downstream.abort();
-    helper_closed.cancel();
-    client_closed.cancel();
-    let opened: Vec<DeviceKey> = state
-        .lock()
-        .expect("session lock")
-        .opened
-        .values()
-        .cloned()
-        .collect();
-    if let Some(record) = agent.clients.lock().expect("clients lock").get_mut(&client) {
-        record.sessions = record.sessions.saturating_sub(1);
-        for key in &opened {
-            record.devices.remove(&key.to_string());
-        }
-    }
-    tracing::debug!(client = %client, "session ended");
-}
-
-type HelperLink = (
-    FramedRead<tokio::net::unix::OwnedReadHalf, MessageCodec<Message>>,
-    mpsc::Sender<Message>,
-    CancellationToken,
-);
-
-async fn open_helper_link(agent: &Agent) -> Result<HelperLink, String> {
-    let path = &agent.paths.helper_socket;
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|e| format!("USB helper unavailable at {}: {e}", path.display()))?;
-    let (reader, writer) = stream.into_split();
-    let mut reader = FramedRead::new(reader, MessageCodec::<Message>::default());
-    let mut writer = FramedWrite::new(writer, MessageCodec::<Message>::default());
-    handshake(&mut reader, &mut writer, SOFTWARE)
-        .await
-        .map_err(|e| format!("USB helper refused the link: {e}"))?;
-    let closed = CancellationToken::new();
-    let (to_helper, queue) = mpsc::channel(1024);
-    tokio::spawn(link::write_loop(writer, queue, closed.clone()));
-    Ok((reader, to_helper, closed))
-}
-
-async fn client_to_helper<R: AsyncRead + Unpin>(
-    agent: Arc<Agent>,
-    mut from_client: FramedRead<R, MessageCodec<Message>>,
-    to_helper: mpsc::Sender<Message>,
-    to_client: mpsc::Sender<Message>,
-    state: Arc<Mutex<SessionState>>,
-) {
-    while let Some(frame) = from_client.next().await {
-        let message = match frame {
-            Ok(Ok(message)) => message,
-            Ok(Err(malformed)) => {
-                if let Some(id) = malformed.request_id {
-                    let body = Err(UsbError::Protocol(malformed.reason));
-                    let _ = to_client.send(Message::Reply { id, body }).await;
-                }
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!("client link failed: {e}");
-                return;
-            }
-        };
-        let Message::Request { id, body } = message else {
-            continue;
-        };
-        if id >= INTERNAL_IDS {
-            let body = Err(UsbError::Protocol("request ids must be below 2^63".into()));
-            let _ = to_client.send(Message::Reply { id, body }).await;
-            continue;
-        }
-        match &body {
-            Request::ListDevices => {
-                state.lock().expect("session lock").lists.insert(id);
-            }
-            Request::Open { key } if !agent.policy.is_shared(key) => {
-                let body = Err(UsbError::NotShared(key.to_string()));
-                let _ = to_client.send(Message::Reply { id, body }).await;
-                continue;
-            }
-            Request::Open { key } => {
-                state
-                    .lock()
-                    .expect("session lock")
-                    .opens
-                    .insert(id, key.clone());
-            }
-            Request::Close { handle } => {
-                state.lock().expect("session lock").opened.remove(handle);
-            }
-            _ => {}
-        }
-        if to_helper.send(Message::Request { id, body }).await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn helper_to_client<R: AsyncRead + Unpin>(
-    agent: Arc<Agent>,
-    client: EndpointId,
-    mut from_helper: FramedRead<R, MessageCodec<Message>>,
-    to_client: mpsc::Sender<Message>,
-    state: Arc<Mutex<SessionState>>,
-) {
-    while let Some(Ok(Ok(message))) = from_helper.next().await {
-        let forward = match message {
-            Message::Reply { id, body } => {
-                let mut state = state.lock().expect("session lock");
-                if state.internal.remove(&id) {
-                    continue;
-                }
-                let body = if state.lists.remove(&id) {
-                    body.map(|reply| match reply {
-                        Reply::Devices(devices) => Reply::Devices(
-                            devices
-                                .into_iter()
-                                .filter(|d| agent.policy.is_shared(&d.key))
-                                .collect(),
-                        ),
-                        other => other,
-                    })
-                } else {
-                    body
-                };
-                if let (Some(key), Ok(Reply::Opened { handle, .. })) =
-                    (state.opens.remove(&id), &body)
-                {
-                    tracing::info!(client = %client, device = %key, "device opened by client");
-                    if let Some(record) =
-                        agent.clients.lock().expect("clients lock").get_mut(&client)
-                    {
-                        record.devices.insert(key.to_string());
-                    }
-                    state.opened.insert(*handle, key);
-                }
-                Message::Reply { id, body }
-            }
-            Message::Event(Event::DeviceArrived(device)) => {
-                if !agent.policy.is_shared(&device.key) {
-                    continue;
-                }
-                Message::Event(Event::DeviceArrived(device))
-            }
-            Message::Event(Event::DeviceLeft { key }) => {
-                state
-                    .lock()
-                    .expect("session lock")
-                    .opened
-                    .retain(|_, k| *k != key);
-                Message::Event(Event::DeviceLeft { key })
-            }
-            Message::Event(Event::ShuttingDown { reason }) => {
-                let _ = to_client
-                    .send(Message::Event(Event::ShuttingDown {
-                        reason: format!("USB helper: {reason}"),
-                    }))
-                    .await;
-                return;
-            }
-            Message::Hello(_) | Message::Request { .. } => continue,
-        };
-        if to_client.send(forward).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// After a share change: closes this session's devices that are no longer
-/// shared, and tells the client they are gone.
-async fn withdraw_unshared(
-    agent: &Agent,
-    state: &Mutex<SessionState>,
-    to_helper: &mpsc::Sender<Message>,
-    to_client: &mpsc::Sender<Message>,
-) {
-    let withdrawn: Vec<(RequestId, Handle, DeviceKey)> = {
-        let mut state = state.lock().expect("session lock");
-        let gone: Vec<(Handle, DeviceKey)> = state
-            .opened
-            .iter()
-            .filter(|(_, key)| !agent.policy.is_shared(key))
-            .map(|(h, k)| (*h, k.clone()))
-            .collect();
-        gone.into_iter()
-            .map(|(handle, key)| {
-                state.opened.remove(&handle);
-                let id = state.next_internal;
-                state.next_internal += 1;
-                state.internal.insert(id);
-                (id, handle, key)
-            })
-            .collect()
-    };
-    for (id, handle, key) in withdrawn {
-        tracing::info!(device = %key, "device unshared: withdrawing it from a client");
-        let _ = to_helper
-            .send(Message::Request {
-                id,
-                body: Request::Close { handle },
-            })
-            .await;
-        let _ = to_client
-            .send(Message::Event(Event::DeviceLeft { key }))
-            .await;
-    }
 }

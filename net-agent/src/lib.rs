@@ -13,5 +13,6 @@ pub mod identity;
 pub mod net;
 pub mod peer_uid;
 pub mod policy;
+mod session;
 pub mod usbip;
 pub mod vhci;

@@ -151,6 +151,27 @@ impl NotifySocket {
         }
     }
 
+    /// Waits for a datagram (after the first `skip`) whose text contains `needle`.
+    pub fn wait_for_text(&self, skip: usize, needle: &str, timeout: Duration) -> Notification {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self
+                .all()
+                .into_iter()
+                .skip(skip)
+                .find(|n| n.text.contains(needle))
+            {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing containing {needle:?} within {timeout:?}; received: {:#?}",
+                self.all()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// How many datagrams carry `line`, received after `since`.
     pub fn count_since(&self, line: &str, since: Instant) -> usize {
         self.all()

@@ -77,6 +77,7 @@ fn agent_reports_ready_after_a_bounded_wait_when_the_helper_is_missing() {
     let notify = NotifySocket::bind(dir.path());
     let mut agent = agent(&config, &notify, dir.path().join("agent.log"));
     let ready = notify.wait_for("READY=1", Duration::from_secs(20));
+    assert!(ready.text.contains("STATUS=NodeId "), "{ready:?}");
     assert!(ready.text.contains("waiting for helper at"), "{ready:?}");
     assert!(ready.text.contains("absent.sock"), "{ready:?}");
     notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
@@ -94,27 +95,36 @@ fn agent_reports_ready_after_a_bounded_wait_when_the_helper_is_missing() {
 fn agent_survives_kill_9_of_the_helper_and_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("helper.sock");
-    let config = write_sim_config(dir.path(), &socket, nix::unistd::geteuid().as_raw(), "");
+    let config = write_sim_config(
+        dir.path(),
+        &socket,
+        nix::unistd::geteuid().as_raw(),
+        "[usb]\nauto_share = true\n",
+    );
     let helper = start_listening_helper(dir.path(), &config, &socket, None);
     wait_for_path(&socket, Duration::from_secs(10));
     let notify = NotifySocket::bind(dir.path());
     let mut agent = agent(&config, &notify, dir.path().join("agent.log"));
     let ready = notify.wait_for("READY=1", Duration::from_secs(15));
     assert!(
-        ready.text.contains("helper connected: 2 device(s)"),
+        ready.text.contains(": 2 devices shared, 0 clients\n"),
         "{ready:?}"
     );
 
     helper.signal(Signal::SIGKILL);
     drop(helper);
     let seen = notify.len();
-    notify.wait_for_after(seen, "STATUS=waiting for helper at", Duration::from_secs(5));
+    notify.wait_for_text(
+        seen,
+        "0 devices shared, 0 clients; waiting for helper at",
+        Duration::from_secs(10),
+    );
 
     let seen = notify.len();
     let _restarted = start_listening_helper(dir.path(), &config, &socket, None);
-    notify.wait_for_after(
+    notify.wait_for_text(
         seen,
-        "STATUS=helper connected: 2 device(s)",
+        ": 2 devices shared, 0 clients\n",
         Duration::from_secs(15),
     );
     assert!(

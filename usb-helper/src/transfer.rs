@@ -143,14 +143,33 @@ impl ReplySink {
         }
     }
 
+    fn message(&self, result: Result<Completion, UsbError>) -> Message {
+        Message::Reply {
+            id: self.id,
+            body: result.map(p2p_usb_common::proto::Reply::Transferred),
+        }
+    }
+
     /// Queues the reply, waiting if the link is slow; a closed link is fine
     /// (nobody is left to tell).
     pub async fn send(self, result: Result<Completion, UsbError>) {
-        let message = Message::Reply {
-            id: self.id,
-            body: result.map(p2p_usb_common::proto::Reply::Transferred),
-        };
+        let message = self.message(result);
         let _ = self.outgoing.send(message).await;
+    }
+
+    /// Queues the reply if the link has room now; otherwise hands both back.
+    pub fn try_send(
+        self,
+        result: Result<Completion, UsbError>,
+    ) -> Result<(), (Self, Result<Completion, UsbError>)> {
+        match self.outgoing.clone().try_reserve_owned() {
+            Ok(slot) => {
+                slot.send(self.message(result));
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err((self, result)),
+        }
     }
 }
 

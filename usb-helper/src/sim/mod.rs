@@ -297,6 +297,12 @@ struct Delivery {
     result: Result<Completion, UsbError>,
 }
 
+/// An endpoint's delivery task and how many replies it still holds.
+struct Outbox {
+    queue: mpsc::UnboundedSender<Delivery>,
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+}
+
 /// One simulated device and its bus-side state.
 struct Unit {
     behaviour: Behaviour,
@@ -308,8 +314,8 @@ struct Unit {
     halted: HashSet<u8>,
     queues: BTreeMap<u8, VecDeque<Pending>>,
     /// One ordered delivery queue per endpoint keeps replies FIFO per
-    /// endpoint even when completions are delayed.
-    outboxes: HashMap<u8, mpsc::UnboundedSender<Delivery>>,
+    /// endpoint even when completions are delayed or the link is full.
+    outboxes: HashMap<u8, Outbox>,
     delay: Duration,
 }
 
@@ -319,21 +325,36 @@ impl Unit {
     }
 
     fn deliver(&mut self, endpoint: u8, reply: ReplySink, result: Result<Completion, UsbError>) {
-        let ready_at = Instant::now() + self.delay;
+        use std::sync::atomic::Ordering;
         let outbox = self.outboxes.entry(endpoint).or_insert_with(|| {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Delivery>();
+            let (queue, mut rx) = mpsc::unbounded_channel::<Delivery>();
+            let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let drained = backlog.clone();
             tokio::spawn(async move {
                 while let Some(delivery) = rx.recv().await {
                     if delivery.ready_at > Instant::now() {
                         tokio::time::sleep_until(delivery.ready_at).await;
                     }
                     delivery.reply.send(delivery.result).await;
+                    drained.fetch_sub(1, Ordering::AcqRel);
                 }
             });
-            tx
+            Outbox { queue, backlog }
         });
-        let _ = outbox.send(Delivery {
-            ready_at,
+        // Straight onto the link when nothing is queued ahead of it on this
+        // endpoint; otherwise behind the others, in order.
+        let (reply, result) = if self.delay.is_zero() && outbox.backlog.load(Ordering::Acquire) == 0
+        {
+            match reply.try_send(result) {
+                Ok(()) => return,
+                Err(back) => back,
+            }
+        } else {
+            (reply, result)
+        };
+        outbox.backlog.fetch_add(1, Ordering::AcqRel);
+        let _ = outbox.queue.send(Delivery {
+            ready_at: Instant::now() + self.delay,
             reply,
             result,
         });

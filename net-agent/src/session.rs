@@ -1,0 +1,475 @@
+//! One client session on the server: a bidirectional iroh stream proxied to
+//! its own link to the USB helper. The agent reads only the first bytes of
+//! each frame (kind and request id) and forwards transfers as the raw frames
+//! they arrived in: it authorizes and routes without decoding, copying or
+//! re-encoding payloads. Only the few messages it must judge (device lists,
+//! opens, closes, hotplug events) are decoded.
+//!
+//! When the session ends, its helper link closes and the helper releases
+//! every device the session held.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use iroh::EndpointId;
+use iroh::endpoint::{RecvStream, SendStream};
+use p2p_usb_common::codec::{FrameKind, decode_frame, encode_body, frame_codec, peek};
+use p2p_usb_common::proto::{
+    DeviceKey, Event, Handle, Hello, Message, Reply, Request, RequestId, UsbError,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Agent;
+use crate::helper_link::SOFTWARE;
+
+/// Request ids the agent itself uses on a session's helper link; clients
+/// count up from 1 and never reach them.
+const INTERNAL_IDS: RequestId = 1 << 63;
+
+type Reader<R> = FramedRead<R, LengthDelimitedCodec>;
+type Writer<W> = FramedWrite<W, LengthDelimitedCodec>;
+
+/// What a session remembers to authorize and filter without touching transfers.
+#[derive(Default)]
+struct SessionState {
+    /// `ListDevices` requests whose replies must be filtered by shares.
+    lists: HashSet<RequestId>,
+    /// `Open` requests in flight and the device each names.
+    opens: HashMap<RequestId, DeviceKey>,
+    /// Open devices of this session.
+    opened: HashMap<Handle, DeviceKey>,
+    /// Requests the agent sent itself; their replies are not forwarded.
+    internal: HashSet<RequestId>,
+    next_internal: RequestId,
+}
+
+/// Runs one session until the client or the helper ends it, or `stop` fires.
+pub(crate) async fn run(
+    agent: Arc<Agent>,
+    client: EndpointId,
+    send: SendStream,
+    recv: RecvStream,
+    stop: CancellationToken,
+) {
+    let mut from_client = FramedRead::new(recv, frame_codec());
+    let mut to_client = FramedWrite::new(send, frame_codec());
+    if let Err(e) = handshake(&mut from_client, &mut to_client).await {
+        tracing::debug!(client = %client, "session handshake failed: {e}");
+        return;
+    }
+    let (from_helper, to_helper) = match open_helper_link(&agent).await {
+        Ok(link) => link,
+        Err(reason) => {
+            tracing::warn!(client = %client, "session refused: {reason}");
+            let notice = Message::Event(Event::ShuttingDown { reason });
+            if let Ok(frame) = encode_body(&notice) {
+                let _ = to_client.send(frame).await;
+            }
+            return finish(to_client).await;
+        }
+    };
+    agent
+        .clients
+        .lock()
+        .expect("clients lock")
+        .entry(client)
+        .or_default()
+        .sessions += 1;
+    tracing::debug!(client = %client, "session started");
+
+    let state = Arc::new(Mutex::new(SessionState {
+        next_internal: INTERNAL_IDS,
+        ..SessionState::default()
+    }));
+    let (notices, notices_rx) = mpsc::channel::<Message>(64);
+    let (internal, internal_rx) = mpsc::channel::<Message>(16);
+    let mut upstream = tokio::spawn(client_to_helper(
+        agent.clone(),
+        from_client,
+        to_helper,
+        internal_rx,
+        notices.clone(),
+        state.clone(),
+    ));
+    let mut downstream = tokio::spawn(helper_to_client(
+        agent.clone(),
+        client,
+        from_helper,
+        to_client,
+        notices_rx,
+        state.clone(),
+    ));
+    let mut policy = agent.policy.subscribe();
+    loop {
+        tokio::select! {
+            _ = &mut upstream => break,
+            _ = &mut downstream => break,
+            _ = policy.changed() => withdraw_unshared(&agent, &state, &internal, &notices).await,
+            _ = stop.cancelled() => {
+                let _ = notices.send(Message::Event(Event::ShuttingDown {
+                    reason: "server is shutting down".into(),
+                })).await;
+                let _ = tokio::time::timeout(Duration::from_millis(500), &mut downstream).await;
+                break;
+            }
+        }
+    }
+    upstream.abort();
+    downstream.abort();
+    let opened: Vec<DeviceKey> = state
+        .lock()
+        .expect("session lock")
+        .opened
+        .values()
+        .cloned()
+        .collect();
+    if let Some(record) = agent.clients.lock().expect("clients lock").get_mut(&client) {
+        record.sessions = record.sessions.saturating_sub(1);
+        for key in &opened {
+            record.devices.remove(&key.to_string());
+        }
+    }
+    tracing::debug!(client = %client, "session ended");
+}
+
+/// The hello exchange, on raw frames.
+async fn handshake<R, W>(reader: &mut Reader<R>, writer: &mut Writer<W>) -> Result<Hello, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let hello = encode_body(&Message::Hello(Hello::new(SOFTWARE))).map_err(|e| e.to_string())?;
+    writer.send(hello).await.map_err(|e| e.to_string())?;
+    let first = tokio::time::timeout(p2p_usb_common::link::HELLO_TIMEOUT, reader.next())
+        .await
+        .map_err(|_| "no hello in time".to_string())?;
+    match first {
+        Some(Ok(frame)) => match decode_frame::<Message>(frame.freeze()) {
+            Ok(Message::Hello(hello)) => {
+                hello.check_compatible().map_err(|e| e.to_string())?;
+                Ok(hello)
+            }
+            Ok(_) => Err("first message was not a hello".into()),
+            Err(e) => Err(e.to_string()),
+        },
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("closed before hello".into()),
+    }
+}
+
+type HelperLink = (
+    Reader<tokio::net::unix::OwnedReadHalf>,
+    Writer<tokio::net::unix::OwnedWriteHalf>,
+);
+
+async fn open_helper_link(agent: &Agent) -> Result<HelperLink, String> {
+    let path = &agent.paths.helper_socket;
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| format!("USB helper unavailable at {}: {e}", path.display()))?;
+    let (reader, writer) = stream.into_split();
+    let mut reader = FramedRead::new(reader, frame_codec());
+    let mut writer = FramedWrite::new(writer, frame_codec());
+    handshake(&mut reader, &mut writer)
+        .await
+        .map_err(|e| format!("USB helper refused the link: {e}"))?;
+    Ok((reader, writer))
+}
+
+fn reply(id: RequestId, error: UsbError) -> Message {
+    Message::Reply {
+        id,
+        body: Err(error),
+    }
+}
+
+/// Client to helper: requests, forwarded as they came unless they need a decision.
+async fn client_to_helper<R, W>(
+    agent: Arc<Agent>,
+    mut from_client: Reader<R>,
+    mut to_helper: Writer<W>,
+    mut internal: mpsc::Receiver<Message>,
+    notices: mpsc::Sender<Message>,
+    state: Arc<Mutex<SessionState>>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let frame = tokio::select! {
+            // The agent's own requests go first: a withdrawal must reach the
+            // helper before anything the client sends after hearing of it.
+            biased;
+            Some(message) = internal.recv() => {
+                let Ok(frame) = encode_body(&message) else { continue };
+                if to_helper.send(frame).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            frame = from_client.next() => match frame {
+                Some(Ok(frame)) => frame.freeze(),
+                Some(Err(e)) => {
+                    tracing::warn!("client link failed: {e}");
+                    return;
+                }
+                None => return,
+            },
+        };
+        let forward = match peek(&frame) {
+            FrameKind::Request { id, .. } if id >= INTERNAL_IDS => {
+                let _ = notices
+                    .send(reply(
+                        id,
+                        UsbError::Protocol("request ids must be below 2^63".into()),
+                    ))
+                    .await;
+                false
+            }
+            FrameKind::Request {
+                id,
+                kind: "ListDevices",
+            } => {
+                state.lock().expect("session lock").lists.insert(id);
+                true
+            }
+            FrameKind::Request {
+                kind: "Open" | "Close",
+                ..
+            } => judge(&agent, &frame, &notices, &state).await,
+            FrameKind::Request { .. } => true,
+            FrameKind::Unknown => {
+                if let Err(malformed) = decode_frame::<Message>(frame.clone())
+                    && let Some(id) = malformed.request_id
+                {
+                    let _ = notices
+                        .send(reply(id, UsbError::Protocol(malformed.reason)))
+                        .await;
+                }
+                false
+            }
+            FrameKind::Reply { .. } | FrameKind::Event | FrameKind::Hello => false,
+        };
+        if forward && to_helper.send(frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Opens and closes are decoded: opens of unshared devices are refused here,
+/// and the session learns which devices it holds.
+async fn judge(
+    agent: &Agent,
+    frame: &Bytes,
+    notices: &mpsc::Sender<Message>,
+    state: &Mutex<SessionState>,
+) -> bool {
+    match decode_frame::<Message>(frame.clone()) {
+        Ok(Message::Request {
+            id,
+            body: Request::Open { key },
+        }) => {
+            if !agent.policy.is_shared(&key) {
+                let _ = notices
+                    .send(reply(id, UsbError::NotShared(key.to_string())))
+                    .await;
+                return false;
+            }
+            state.lock().expect("session lock").opens.insert(id, key);
+            true
+        }
+        Ok(Message::Request {
+            body: Request::Close { handle },
+            ..
+        }) => {
+            state.lock().expect("session lock").opened.remove(&handle);
+            true
+        }
+        Ok(_) => true,
+        Err(malformed) => {
+            if let Some(id) = malformed.request_id {
+                let _ = notices
+                    .send(reply(id, UsbError::Protocol(malformed.reason)))
+                    .await;
+            }
+            false
+        }
+    }
+}
+
+/// Helper to client: replies and events, raw unless filtered.
+async fn helper_to_client<R: AsyncRead + Unpin>(
+    agent: Arc<Agent>,
+    client: EndpointId,
+    mut from_helper: Reader<R>,
+    mut to_client: Writer<SendStream>,
+    mut notices: mpsc::Receiver<Message>,
+    state: Arc<Mutex<SessionState>>,
+) {
+    loop {
+        let frame = tokio::select! {
+            frame = from_helper.next() => match frame {
+                Some(Ok(frame)) => frame.freeze(),
+                _ => return,
+            },
+            Some(notice) = notices.recv() => {
+                let last = matches!(notice, Message::Event(Event::ShuttingDown { .. }));
+                let Ok(frame) = encode_body(&notice) else { continue };
+                if to_client.send(frame).await.is_err() {
+                    return;
+                }
+                if last {
+                    return finish(to_client).await;
+                }
+                continue;
+            }
+        };
+        let (frame, last) = match peek(&frame) {
+            FrameKind::Reply { id } => {
+                let judged = {
+                    let mut state = state.lock().expect("session lock");
+                    if state.internal.remove(&id) {
+                        continue;
+                    }
+                    state.lists.contains(&id) || state.opens.contains_key(&id)
+                };
+                if judged {
+                    match filter_reply(&agent, client, &frame, &state) {
+                        Some(frame) => (frame, false),
+                        None => continue,
+                    }
+                } else {
+                    (frame, false)
+                }
+            }
+            FrameKind::Event => match filter_event(&agent, &frame, &state) {
+                Some(filtered) => filtered,
+                None => continue,
+            },
+            _ => continue,
+        };
+        if to_client.send(frame).await.is_err() {
+            return;
+        }
+        if last {
+            return finish(to_client).await;
+        }
+    }
+}
+
+/// Ends the stream and waits (briefly) until the client has read it all, so
+/// a closing connection does not swallow the last notice.
+async fn finish(mut to_client: Writer<SendStream>) {
+    let _ = SinkExt::<Bytes>::close(&mut to_client).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), to_client.get_mut().stopped()).await;
+}
+
+/// Device lists lose unshared devices; successful opens are recorded.
+fn filter_reply(
+    agent: &Agent,
+    client: EndpointId,
+    frame: &Bytes,
+    state: &Mutex<SessionState>,
+) -> Option<Bytes> {
+    let Ok(Message::Reply { id, body }) = decode_frame::<Message>(frame.clone()) else {
+        return None;
+    };
+    let mut state = state.lock().expect("session lock");
+    let body = if state.lists.remove(&id) {
+        body.map(|reply| match reply {
+            Reply::Devices(devices) => Reply::Devices(
+                devices
+                    .into_iter()
+                    .filter(|d| agent.policy.is_shared(&d.key))
+                    .collect(),
+            ),
+            other => other,
+        })
+    } else {
+        body
+    };
+    if let (Some(key), Ok(Reply::Opened { handle, .. })) = (state.opens.remove(&id), &body) {
+        tracing::info!(client = %client, device = %key, "device opened by client");
+        if let Some(record) = agent.clients.lock().expect("clients lock").get_mut(&client) {
+            record.devices.insert(key.to_string());
+        }
+        state.opened.insert(*handle, key);
+    }
+    encode_body(&Message::Reply { id, body }).ok()
+}
+
+/// Hotplug events only for shared devices; a helper shutdown ends the session.
+fn filter_event(
+    agent: &Agent,
+    frame: &Bytes,
+    state: &Mutex<SessionState>,
+) -> Option<(Bytes, bool)> {
+    match decode_frame::<Message>(frame.clone()).ok()? {
+        Message::Event(Event::DeviceArrived(device)) => agent
+            .policy
+            .is_shared(&device.key)
+            .then(|| (frame.clone(), false)),
+        Message::Event(Event::DeviceLeft { key }) => {
+            state
+                .lock()
+                .expect("session lock")
+                .opened
+                .retain(|_, k| *k != key);
+            Some((frame.clone(), false))
+        }
+        Message::Event(Event::ShuttingDown { reason }) => {
+            let notice = Message::Event(Event::ShuttingDown {
+                reason: format!("USB helper: {reason}"),
+            });
+            Some((encode_body(&notice).ok()?, true))
+        }
+        _ => None,
+    }
+}
+
+/// After a share change: closes this session's devices that are no longer
+/// shared, and tells the client they are gone.
+async fn withdraw_unshared(
+    agent: &Agent,
+    state: &Mutex<SessionState>,
+    internal: &mpsc::Sender<Message>,
+    notices: &mpsc::Sender<Message>,
+) {
+    let withdrawn: Vec<(RequestId, Handle, DeviceKey)> = {
+        let mut state = state.lock().expect("session lock");
+        let gone: Vec<(Handle, DeviceKey)> = state
+            .opened
+            .iter()
+            .filter(|(_, key)| !agent.policy.is_shared(key))
+            .map(|(h, k)| (*h, k.clone()))
+            .collect();
+        gone.into_iter()
+            .map(|(handle, key)| {
+                state.opened.remove(&handle);
+                let id = state.next_internal;
+                state.next_internal += 1;
+                state.internal.insert(id);
+                (id, handle, key)
+            })
+            .collect()
+    };
+    for (id, handle, key) in withdrawn {
+        tracing::info!(device = %key, "device unshared: withdrawing it from a client");
+        let _ = internal
+            .send(Message::Request {
+                id,
+                body: Request::Close { handle },
+            })
+            .await;
+        let _ = notices
+            .send(Message::Event(Event::DeviceLeft { key }))
+            .await;
+    }
+}
