@@ -22,7 +22,6 @@ use crate::proto::{Event, Hello, Message, Reply, Request, RequestId, UsbError};
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Messages queued for the writer before senders wait.
-const OUTGOING_QUEUE: usize = 256;
 /// Events buffered for a slow consumer before further ones are dropped.
 const EVENT_QUEUE: usize = 256;
 
@@ -88,16 +87,39 @@ impl Waiter {
 }
 
 type Waiters = Arc<Mutex<HashMap<RequestId, Waiter>>>;
+type SharedWriter =
+    Arc<tokio::sync::Mutex<FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, MessageCodec>>>;
 
-/// The requesting end of a link. Cheap to clone; all clones share the link.
+/// The requesting end of a link. Cheap to clone; all clones share the link,
+/// which closes when the last clone is dropped (or on [`LinkClient::close`]).
 #[derive(Debug, Clone)]
 pub struct LinkClient {
-    outgoing: mpsc::Sender<Message>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Requests are written by the task that makes them: no hand-off to a
+    /// writer task, so a request costs no extra thread wake-up.
+    writer: SharedWriter,
     waiters: Waiters,
-    /// Cancelled by the reader when the link ends; stops the writer.
+    /// Cancelled when the link ends, from either side.
     closed: CancellationToken,
-    next_id: Arc<AtomicU64>,
-    peer: Arc<Hello>,
+    next_id: AtomicU64,
+    peer: Hello,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkClient")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 /// The error every request sees once the link is gone.
@@ -107,9 +129,9 @@ pub fn link_lost() -> UsbError {
 
 impl LinkClient {
     /// Performs the handshake on `reader`/`writer` and starts the link's
-    /// reader and writer tasks. Events pushed by the peer arrive on the
-    /// returned receiver; if it is not drained, further events are dropped
-    /// (with a warning) rather than stalling replies.
+    /// reader task. Events pushed by the peer arrive on the returned
+    /// receiver; if it is not drained, further events are dropped (with a
+    /// warning) rather than stalling replies.
     pub async fn start<R, W>(
         reader: R,
         writer: W,
@@ -122,26 +144,31 @@ impl LinkClient {
         let mut reader = FramedRead::new(reader, MessageCodec::default());
         let mut writer = FramedWrite::new(writer, MessageCodec::default());
         let peer = handshake(&mut reader, &mut writer, software).await?;
+        let writer: Box<dyn AsyncWrite + Send + Unpin> = Box::new(writer.into_inner());
+        let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(FramedWrite::new(
+            writer,
+            MessageCodec::default(),
+        )));
 
-        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let waiters: Waiters = Arc::default();
         let closed = CancellationToken::new();
-        tokio::spawn(write_loop(writer, outgoing_rx, closed.clone()));
         tokio::spawn(read_loop(
             reader,
             waiters.clone(),
             events_tx,
-            outgoing.clone(),
+            Arc::downgrade(&writer),
             closed.clone(),
         ));
         Ok((
             LinkClient {
-                outgoing,
-                waiters,
-                closed,
-                next_id: Arc::new(AtomicU64::new(1)),
-                peer: Arc::new(peer),
+                inner: Arc::new(Inner {
+                    writer,
+                    waiters,
+                    closed,
+                    next_id: AtomicU64::new(1),
+                    peer,
+                }),
             },
             events,
         ))
@@ -149,22 +176,27 @@ impl LinkClient {
 
     /// The peer's hello.
     pub fn peer(&self) -> &Hello {
-        &self.peer
+        &self.inner.peer
     }
 
     /// True once the link is gone.
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.inner.closed.is_cancelled()
     }
 
     /// Resolves when the link is gone.
     pub async fn closed(&self) {
-        self.closed.cancelled().await
+        self.inner.closed.cancelled().await
     }
 
-    /// Closes the link from this end; pending requests fail.
+    /// Closes the link from this end; pending requests fail and the peer
+    /// sees the stream end.
     pub fn close(&self) {
-        self.closed.cancel();
+        self.inner.closed.cancel();
+        let writer = self.inner.writer.clone();
+        tokio::spawn(async move {
+            let _ = SinkExt::<Message>::close(&mut *writer.lock().await).await;
+        });
     }
 
     /// Sends a request and waits for its reply.
@@ -210,22 +242,27 @@ impl LinkClient {
         waiter: Waiter,
         register: impl FnOnce(RequestId),
     ) -> RequestId {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let inner = &self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         register(id);
-        self.waiters
+        inner
+            .waiters
             .lock()
             .expect("waiters lock")
             .insert(id, waiter);
         // The reader cancels `closed` before failing the waiters, so a waiter
         // inserted after that is caught here.
-        if self.closed.is_cancelled()
-            || self
-                .outgoing
+        let sent = !inner.closed.is_cancelled()
+            && inner
+                .writer
+                .lock()
+                .await
                 .send(Message::Request { id, body })
                 .await
-                .is_err()
-        {
-            let waiter = self.waiters.lock().expect("waiters lock").remove(&id);
+                .is_ok();
+        if !sent {
+            inner.closed.cancel();
+            let waiter = inner.waiters.lock().expect("waiters lock").remove(&id);
             if let Some(waiter) = waiter {
                 waiter.deliver(id, Err(link_lost()));
             }
@@ -275,7 +312,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: FramedRead<R, MessageCodec>,
     waiters: Waiters,
     events: mpsc::Sender<Event>,
-    outgoing: mpsc::Sender<Message>,
+    writer: std::sync::Weak<
+        tokio::sync::Mutex<FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, MessageCodec>>,
+    >,
     closed: CancellationToken,
 ) {
     loop {
@@ -306,7 +345,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         body.kind()
                     ))),
                 };
-                let _ = outgoing.try_send(answer);
+                if let Some(writer) = writer.upgrade() {
+                    let _ = writer.lock().await.send(answer).await;
+                }
             }
             Ok(Ok(Message::Hello(_))) => {
                 tracing::warn!("peer sent a second hello; ignoring it");
