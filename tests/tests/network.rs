@@ -466,3 +466,104 @@ async fn requests_are_authorized_per_session_and_replies_stay_matched() {
     );
     assert!(usb::open(&second, &key).await.is_ok());
 }
+
+/// A network namespace with a veth pair to the test's namespace, removed on drop.
+struct Netns {
+    name: String,
+    host_side: String,
+}
+
+impl Netns {
+    fn create(subnet: u8) -> Netns {
+        let name = format!("p2pusb{}", std::process::id());
+        let host_side = format!("p2pu{}a", std::process::id() % 100000);
+        let peer_side = format!("p2pu{}b", std::process::id() % 100000);
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip").args(args).status().expect("run ip");
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["link", "add", &host_side, "type", "veth", "peer", "name", &peer_side]);
+        ip(&["link", "set", &peer_side, "netns", &name]);
+        ip(&["addr", "add", &format!("10.199.{subnet}.1/24"), "dev", &host_side]);
+        ip(&["link", "set", &host_side, "up"]);
+        ip(&["-n", &name, "addr", "add", &format!("10.199.{subnet}.2/24"), "dev", &peer_side]);
+        ip(&["-n", &name, "link", "set", &peer_side, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name, host_side }
+    }
+
+    fn link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let status = std::process::Command::new("ip")
+            .args(["link", "set", &self.host_side, state])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_side]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back() {
+    if !p2p_usb_tests::is_root() {
+        eprintln!("needs root to create network namespaces");
+        return;
+    }
+    let subnet = (std::process::id() % 200) as u8 + 20;
+    let netns = Netns::create(subnet);
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("client.key");
+    let text = format!(
+        "[client]\nsecret_key = \"{}\"\n\n[iroh]\nrelay_mode = \"disabled\"\nbind_addr = \"10.199.{subnet}.1:0\"\ndns_discovery = false\n",
+        key.display()
+    );
+    let config = p2p_usb_common::config::ConfigFile::parse(std::path::Path::new("client.toml"), text).unwrap();
+    let client = p2p_usb_agent::client::Client::start(config).await.unwrap();
+    let server_addr = format!("10.199.{subnet}.2:{}", p2p_usb_tests::server::free_udp_port());
+    let server = ServerUnderTest::start_in(
+        &approved(client.id()),
+        "auto_share = true",
+        Network::Bind(server_addr),
+        Some(&netns.name),
+    );
+    let addr = net::parse_server(&server.ticket().await).unwrap();
+    let connection = client.connect(&addr).await.unwrap();
+    let (session, _events) = client.session(&connection).await.unwrap();
+    let key = client::list_devices(&session).await.unwrap()[0].key.clone();
+    let handle = usb::open(&session, &key).await.unwrap();
+    control(&session, handle, 0, std_request::SET_CONFIGURATION, zero::CONFIG_LOOPBACK.into(), 0, out(Bytes::new()))
+        .await
+        .unwrap();
+    let (_, pending) = usb::start(&session, transfer(handle, zero::EP_IN, input(512))).await;
+
+    netns.link(false);
+    let ended = tokio::time::timeout(Duration::from_secs(90), pending).await.expect("the cut is noticed");
+    assert!(ended.is_err(), "the in-flight transfer failed (never replayed): {ended:?}");
+    assert!(session.is_closed());
+
+    netns.link(true);
+    // The server's session died with the connection; the device is free again.
+    let reconnected = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Ok(connection) = client.connect(&addr).await
+                && let Ok((session, events)) = client.session(&connection).await
+                && let Ok(handle) = usb::open(&session, &key).await
+            {
+                break (connection, session, events, handle);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+    .expect("back within a minute");
+    let (_connection, session, _events, handle) = reconnected;
+    usb::run(&session, transfer(handle, zero::EP_OUT, out(Bytes::from_static(b"again")))).await.unwrap();
+    assert_eq!(&usb::run(&session, transfer(handle, zero::EP_IN, input(512))).await.unwrap().data[..], b"again");
+}
