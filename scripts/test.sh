@@ -43,6 +43,12 @@ if [ ${#needed[@]} -gt 0 ]; then
     fi
 fi
 
+step "the USB helper links no network code"
+if cargo tree -p p2p-usb-helper -e normal --prefix none | grep -E -i '^(iroh|noq|quinn|rustls|ring|hyper|reqwest|h2|http|openssl)[ -]'; then
+    echo "p2p-usb-helper must not depend on network, TLS or HTTP crates" >&2
+    exit 1
+fi
+
 target=${CARGO_TARGET_DIR:-$repo/target}
 step "building (release: binaries, tests, benchmarks)"
 cargo build --release --workspace --bins --tests --benches

@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
@@ -118,6 +118,10 @@ thread_local! {
     /// The frame being decoded on this thread, so payloads can be sliced out
     /// of it instead of copied (see [`payload`]).
     static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    /// Set while a [`FrameWriter`] encodes on this thread: payloads are
+    /// recorded here and referenced, not copied into the frame.
+    static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PENDING_PAYLOAD: RefCell<Option<Bytes>> = const { RefCell::new(None) };
 }
 
 /// Decodes one frame body whose payload fields (`#[serde(with = "payload")]`)
@@ -138,8 +142,12 @@ pub mod payload {
 
     use super::FRAME;
 
-    /// Writes the bytes as one `bin` value.
+    /// Writes the bytes as one `bin` value. Under a [`super::FrameWriter`]
+    /// the bytes themselves are handed over by reference, not copied.
     pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        if super::DEFERRING.with(std::cell::Cell::get) {
+            super::PENDING_PAYLOAD.with(|pending| *pending.borrow_mut() = Some(bytes.clone()));
+        }
         serializer.serialize_bytes(bytes)
     }
 
@@ -243,6 +251,152 @@ pub fn peek(body: &[u8]) -> FrameKind<'_> {
         }
     }
     inner(body).unwrap_or(FrameKind::Unknown)
+}
+
+/// Writes frames to a byte stream without copying transfer payloads: each
+/// message's envelope is encoded into a small buffer and the payloads are
+/// written from where they already are, with vectored writes. Messages queued
+/// before a flush go out together. Same wire format as [`MessageCodec`].
+pub struct FrameWriter<W> {
+    io: W,
+    pieces: Vec<Bytes>,
+    max_frame_len: usize,
+}
+
+/// Collects an encoding: small writes go to `head`; the payload the
+/// serializer announced is recorded as a separate piece instead.
+struct HeadWriter<'a> {
+    head: &'a mut BytesMut,
+    payloads: &'a mut Vec<(usize, Bytes)>,
+}
+
+impl std::io::Write for HeadWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let pending = PENDING_PAYLOAD.with(|pending| {
+            let mut pending = pending.borrow_mut();
+            let matches = pending.as_ref().is_some_and(|p| {
+                p.as_ptr() == buf.as_ptr() && p.len() == buf.len() && !buf.is_empty()
+            });
+            if matches { pending.take() } else { None }
+        });
+        match pending {
+            Some(payload) => self.payloads.push((self.head.len(), payload)),
+            None => self.head.extend_from_slice(buf),
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> FrameWriter<W> {
+    /// A writer on `io` with the protocol's frame limit.
+    pub fn new(io: W) -> Self {
+        FrameWriter {
+            io,
+            pieces: Vec::new(),
+            max_frame_len: MAX_FRAME_LEN,
+        }
+    }
+
+    /// The underlying stream.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.io
+    }
+
+    /// Adds a message to the next flush.
+    pub fn queue<T: Serialize>(&mut self, message: &T) -> Result<(), CodecError> {
+        let mut head = BytesMut::with_capacity(128);
+        head.put_u32(0);
+        let mut payloads = Vec::new();
+        DEFERRING.with(|d| d.set(true));
+        let encoded = rmp_serde::encode::write(
+            &mut HeadWriter {
+                head: &mut head,
+                payloads: &mut payloads,
+            },
+            message,
+        );
+        DEFERRING.with(|d| d.set(false));
+        PENDING_PAYLOAD.with(|p| p.borrow_mut().take());
+        encoded?;
+        let len = head.len() - LENGTH_PREFIX + payloads.iter().map(|(_, p)| p.len()).sum::<usize>();
+        if len > self.max_frame_len {
+            return Err(CodecError::FrameTooLarge {
+                max: self.max_frame_len,
+            });
+        }
+        head[..LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+        let mut head = head.freeze();
+        let mut consumed = 0;
+        for (offset, payload) in payloads {
+            self.pieces.push(head.split_to(offset - consumed));
+            consumed = offset;
+            self.pieces.push(payload);
+        }
+        self.pieces.push(head);
+        Ok(())
+    }
+
+    /// Adds an already encoded frame body to the next flush.
+    pub fn queue_raw(&mut self, body: Bytes) -> Result<(), CodecError> {
+        if body.len() > self.max_frame_len {
+            return Err(CodecError::FrameTooLarge {
+                max: self.max_frame_len,
+            });
+        }
+        self.pieces
+            .push(Bytes::copy_from_slice(&(body.len() as u32).to_be_bytes()));
+        self.pieces.push(body);
+        Ok(())
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<(), CodecError> {
+        use tokio::io::AsyncWriteExt;
+        let mut pieces: Vec<Bytes> = std::mem::take(&mut self.pieces);
+        pieces.retain(|p| !p.is_empty());
+        let mut start = 0;
+        while start < pieces.len() {
+            let slices: Vec<std::io::IoSlice<'_>> = pieces[start..]
+                .iter()
+                .take(64)
+                .map(|p| std::io::IoSlice::new(p))
+                .collect();
+            let mut written = self.io.write_vectored(&slices).await?;
+            if written == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            while written > 0 {
+                let first = &mut pieces[start];
+                if written >= first.len() {
+                    written -= first.len();
+                    start += 1;
+                } else {
+                    first.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Queues and flushes one message.
+    pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), CodecError> {
+        self.queue(message)?;
+        self.flush().await
+    }
+
+    /// Flushes and shuts the stream down, so the peer sees the end.
+    pub async fn shutdown(&mut self) -> Result<(), CodecError> {
+        use tokio::io::AsyncWriteExt;
+        self.flush().await?;
+        self.io.shutdown().await?;
+        Ok(())
+    }
 }
 
 /// Encodes a message as a frame body (without the length prefix).
@@ -455,6 +609,58 @@ mod tests {
         assert_eq!(decoded, message);
         // Outside decode_frame the same bytes are copied, still correctly.
         assert_eq!(decode_body::<Message>(&frame).unwrap(), message);
+    }
+
+    #[tokio::test]
+    async fn frame_writer_output_is_what_the_decoder_reads() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut writer = FrameWriter::new(a);
+        let big = Bytes::from((0..70_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let messages = vec![
+            Message::Hello(Hello::new("w")),
+            Message::Request {
+                id: 1,
+                body: Request::Submit(Transfer {
+                    handle: 2,
+                    endpoint: 1,
+                    setup: None,
+                    data: TransferData::Out(big.clone()),
+                    flags: TransferFlags {
+                        zero_packet: true,
+                        short_not_ok: false,
+                    },
+                    timeout_ms: Some(5),
+                }),
+            },
+            Message::Reply {
+                id: 3,
+                body: Ok(Reply::Transferred(Completion {
+                    actual_length: 0,
+                    data: Bytes::new(),
+                })),
+            },
+            Message::Reply {
+                id: 4,
+                body: Ok(Reply::Transferred(Completion {
+                    actual_length: 70_000,
+                    data: big.clone(),
+                })),
+            },
+        ];
+        for message in &messages {
+            writer.queue(message).unwrap();
+        }
+        writer
+            .queue_raw(encode_body(&messages[0]).unwrap())
+            .unwrap();
+        writer.flush().await.unwrap();
+        drop(writer);
+        let mut reader = tokio_util::codec::FramedRead::new(b, MessageCodec::<Message>::default());
+        use futures_util::StreamExt;
+        for expected in messages.iter().chain(std::iter::once(&messages[0])) {
+            assert_eq!(&reader.next().await.unwrap().unwrap().unwrap(), expected);
+        }
+        assert!(reader.next().await.is_none());
     }
 
     #[test]

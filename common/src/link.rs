@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{CodecError, MessageCodec};
+use crate::codec::{CodecError, FrameWriter, MessageCodec};
 use crate::proto::{Event, Hello, Message, Reply, Request, RequestId, UsbError};
 
 /// How long a peer may take to say hello.
@@ -87,8 +87,7 @@ impl Waiter {
 }
 
 type Waiters = Arc<Mutex<HashMap<RequestId, Waiter>>>;
-type SharedWriter =
-    Arc<tokio::sync::Mutex<FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, MessageCodec>>>;
+type SharedWriter = Arc<tokio::sync::Mutex<FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>>>;
 
 /// The requesting end of a link. Cheap to clone; all clones share the link,
 /// which closes when the last clone is dropped (or on [`LinkClient::close`]).
@@ -145,10 +144,7 @@ impl LinkClient {
         let mut writer = FramedWrite::new(writer, MessageCodec::default());
         let peer = handshake(&mut reader, &mut writer, software).await?;
         let writer: Box<dyn AsyncWrite + Send + Unpin> = Box::new(writer.into_inner());
-        let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(FramedWrite::new(
-            writer,
-            MessageCodec::default(),
-        )));
+        let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(FrameWriter::new(writer)));
 
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let waiters: Waiters = Arc::default();
@@ -195,7 +191,7 @@ impl LinkClient {
         self.inner.closed.cancel();
         let writer = self.inner.writer.clone();
         tokio::spawn(async move {
-            let _ = SinkExt::<Message>::close(&mut *writer.lock().await).await;
+            let _ = writer.lock().await.shutdown().await;
         });
     }
 
@@ -257,7 +253,7 @@ impl LinkClient {
                 .writer
                 .lock()
                 .await
-                .send(Message::Request { id, body })
+                .send(&Message::Request { id, body })
                 .await
                 .is_ok();
         if !sent {
@@ -273,7 +269,7 @@ impl LinkClient {
 
 /// Writes queued messages until the link closes. Shared by both ends of a link.
 pub async fn write_loop<W: AsyncWrite + Unpin>(
-    mut writer: FramedWrite<W, MessageCodec>,
+    mut writer: FrameWriter<W>,
     mut outgoing: mpsc::Receiver<Message>,
     closed: CancellationToken,
 ) {
@@ -293,17 +289,17 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
     }
     closed.cancel();
     // Say goodbye properly where the transport allows it (ends the stream).
-    let _ = futures_util::SinkExt::<Message>::close(&mut writer).await;
+    let _ = writer.shutdown().await;
 }
 
 async fn write_burst<W: AsyncWrite + Unpin>(
-    writer: &mut FramedWrite<W, MessageCodec>,
+    writer: &mut FrameWriter<W>,
     first: Message,
     outgoing: &mut mpsc::Receiver<Message>,
 ) -> Result<(), CodecError> {
-    writer.feed(first).await?;
+    writer.queue(&first)?;
     while let Ok(next) = outgoing.try_recv() {
-        writer.feed(next).await?;
+        writer.queue(&next)?;
     }
     writer.flush().await
 }
@@ -312,9 +308,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: FramedRead<R, MessageCodec>,
     waiters: Waiters,
     events: mpsc::Sender<Event>,
-    writer: std::sync::Weak<
-        tokio::sync::Mutex<FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, MessageCodec>>,
-    >,
+    writer: std::sync::Weak<tokio::sync::Mutex<FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>>>,
     closed: CancellationToken,
 ) {
     loop {
@@ -346,7 +340,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     ))),
                 };
                 if let Some(writer) = writer.upgrade() {
-                    let _ = writer.lock().await.send(answer).await;
+                    let _ = writer.lock().await.send(&answer).await;
                 }
             }
             Ok(Ok(Message::Hello(_))) => {

@@ -13,17 +13,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use iroh::EndpointId;
 use iroh::endpoint::{RecvStream, SendStream};
-use p2p_usb_common::codec::{FrameKind, decode_frame, encode_body, frame_codec, peek};
+use p2p_usb_common::codec::{FrameKind, FrameWriter, decode_frame, encode_body, frame_codec, peek};
 use p2p_usb_common::proto::{
     DeviceKey, Event, Handle, Hello, Message, Reply, Request, RequestId, UsbError,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
@@ -34,7 +34,7 @@ use crate::helper_link::SOFTWARE;
 const INTERNAL_IDS: RequestId = 1 << 63;
 
 type Reader<R> = FramedRead<R, LengthDelimitedCodec>;
-type Writer<W> = FramedWrite<W, LengthDelimitedCodec>;
+type Writer<W> = FrameWriter<W>;
 
 /// What a session remembers to authorize and filter without touching transfers.
 #[derive(Default)]
@@ -59,7 +59,7 @@ pub(crate) async fn run(
     stop: CancellationToken,
 ) {
     let mut from_client = FramedRead::new(recv, frame_codec());
-    let mut to_client = FramedWrite::new(send, frame_codec());
+    let mut to_client = FrameWriter::new(send);
     if let Err(e) = handshake(&mut from_client, &mut to_client).await {
         tracing::debug!(client = %client, "session handshake failed: {e}");
         return;
@@ -68,10 +68,9 @@ pub(crate) async fn run(
         Ok(link) => link,
         Err(reason) => {
             tracing::warn!(client = %client, "session refused: {reason}");
-            let notice = Message::Event(Event::ShuttingDown { reason });
-            if let Ok(frame) = encode_body(&notice) {
-                let _ = to_client.send(frame).await;
-            }
+            let _ = to_client
+                .send(&Message::Event(Event::ShuttingDown { reason }))
+                .await;
             return finish(to_client).await;
         }
     };
@@ -145,8 +144,10 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let hello = encode_body(&Message::Hello(Hello::new(SOFTWARE))).map_err(|e| e.to_string())?;
-    writer.send(hello).await.map_err(|e| e.to_string())?;
+    writer
+        .send(&Message::Hello(Hello::new(SOFTWARE)))
+        .await
+        .map_err(|e| e.to_string())?;
     let first = tokio::time::timeout(p2p_usb_common::link::HELLO_TIMEOUT, reader.next())
         .await
         .map_err(|_| "no hello in time".to_string())?;
@@ -176,7 +177,7 @@ async fn open_helper_link(agent: &Agent) -> Result<HelperLink, String> {
         .map_err(|e| format!("USB helper unavailable at {}: {e}", path.display()))?;
     let (reader, writer) = stream.into_split();
     let mut reader = FramedRead::new(reader, frame_codec());
-    let mut writer = FramedWrite::new(writer, frame_codec());
+    let mut writer = FrameWriter::new(writer);
     handshake(&mut reader, &mut writer)
         .await
         .map_err(|e| format!("USB helper refused the link: {e}"))?;
@@ -208,8 +209,7 @@ async fn client_to_helper<R, W>(
             // helper before anything the client sends after hearing of it.
             biased;
             Some(message) = internal.recv() => {
-                let Ok(frame) = encode_body(&message) else { continue };
-                if to_helper.send(frame).await.is_err() {
+                if to_helper.send(&message).await.is_err() {
                     return;
                 }
                 continue;
@@ -257,7 +257,7 @@ async fn client_to_helper<R, W>(
             }
             FrameKind::Reply { .. } | FrameKind::Event | FrameKind::Hello => false,
         };
-        if forward && to_helper.send(frame).await.is_err() {
+        if forward && send_raw(&mut to_helper, frame).await.is_err() {
             return;
         }
     }
@@ -321,8 +321,7 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
             },
             Some(notice) = notices.recv() => {
                 let last = matches!(notice, Message::Event(Event::ShuttingDown { .. }));
-                let Ok(frame) = encode_body(&notice) else { continue };
-                if to_client.send(frame).await.is_err() {
+                if to_client.send(&notice).await.is_err() {
                     return;
                 }
                 if last {
@@ -355,7 +354,7 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
             },
             _ => continue,
         };
-        if to_client.send(frame).await.is_err() {
+        if send_raw(&mut to_client, frame).await.is_err() {
             return;
         }
         if last {
@@ -364,10 +363,19 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
     }
 }
 
+/// Forwards a frame as it arrived.
+async fn send_raw<W: AsyncWrite + Unpin>(
+    writer: &mut Writer<W>,
+    frame: Bytes,
+) -> Result<(), p2p_usb_common::codec::CodecError> {
+    writer.queue_raw(frame)?;
+    writer.flush().await
+}
+
 /// Ends the stream and waits (briefly) until the client has read it all, so
 /// a closing connection does not swallow the last notice.
 async fn finish(mut to_client: Writer<SendStream>) {
-    let _ = SinkExt::<Bytes>::close(&mut to_client).await;
+    let _ = to_client.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(1), to_client.get_mut().stopped()).await;
 }
 

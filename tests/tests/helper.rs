@@ -225,7 +225,8 @@ fn malformed_and_oversized_frames_do_not_hurt_other_peers() {
     b.write_all(&raw_frame(&hello)).unwrap();
     assert!(matches!(read_message(&mut b), Some(Message::Hello(_))));
     b.write_all(&(1u32 << 30).to_be_bytes()).unwrap();
-    b.write_all(&[0u8; 64]).unwrap();
+    // The helper may already have hung up; that is the point.
+    let _ = b.write_all(&[0u8; 64]);
     assert!(
         read_message(&mut b).is_none(),
         "oversized frame closes the link"

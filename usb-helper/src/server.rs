@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use p2p_usb_common::access::{AccessList, PeerCredentials};
-use p2p_usb_common::codec::MessageCodec;
+use p2p_usb_common::codec::{FrameWriter, MessageCodec};
 use p2p_usb_common::config::ShareRule;
 use p2p_usb_common::link::{self, handshake};
 use p2p_usb_common::proto::{
@@ -208,8 +208,11 @@ impl<'a> Connection<'a> {
         }
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
         let writer_closed = CancellationToken::new();
-        let writer_task =
-            tokio::spawn(link::write_loop(writer, outgoing_rx, writer_closed.clone()));
+        let writer_task = tokio::spawn(link::write_loop(
+            FrameWriter::new(writer.into_inner()),
+            outgoing_rx,
+            writer_closed.clone(),
+        ));
         let mut conn = Connection {
             helper,
             id,

@@ -3,9 +3,12 @@
 //! NAK (pending) until data is there, stalls until cleared, unplug and replug
 //! with new bus addresses, and completion delays.
 //!
-//! Like a real USB stack the simulation runs on its own thread, so a hung
-//! "USB thread" (see [`zero::control::FREEZE`]) is something the helper's
-//! watchdog must notice.
+//! Transfers are simulated inline, on the helper's own runtime, so a
+//! simulated device costs no more thread hand-offs than a real one whose
+//! completions arrive from the kernel. A clock task drives what happens with
+//! time (keyboard pacing, timeouts, delayed completions, replugs). A "hung USB
+//! stack" ([`zero::control::FREEZE`]) blocks that clock while it holds the
+//! bus, which the helper's watchdog must notice.
 
 pub mod keyboard;
 pub mod zero;
@@ -22,7 +25,7 @@ use p2p_usb_common::proto::{
     Completion, DeviceInfo, DeviceKey, RequestId, SetupPacket, Transfer, TransferData, UsbError,
     std_request,
 };
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::time::Instant;
 
 use crate::backend::{BackendEvent, HEALTH_TIMEOUT};
@@ -41,69 +44,54 @@ pub enum Effect {
     Freeze(u64),
 }
 
-/// The simulated bus, driven from its own thread.
+/// The simulated bus.
 pub struct SimBackend {
-    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// What the backend, its devices and the clock task share.
+struct Shared {
+    bus: Mutex<Bus>,
+    /// Wakes the clock when a new deadline comes before the one it sleeps to.
+    clock: Notify,
     snapshot: Arc<Mutex<Vec<DeviceInfo>>>,
     events: broadcast::Sender<BackendEvent>,
 }
 
+impl Shared {
+    fn bus(&self) -> std::sync::MutexGuard<'_, Bus> {
+        self.bus.lock().expect("sim bus lock")
+    }
+
+    /// Runs `f` on the bus, then wakes the clock if it now has to act sooner.
+    fn with_bus<T>(&self, f: impl FnOnce(&mut Bus) -> T) -> T {
+        let mut bus = self.bus();
+        let result = f(&mut bus);
+        let due = bus.next_wakeup();
+        let sooner = match (due, bus.clock_armed) {
+            (Some(due), Some(armed)) => due < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        drop(bus);
+        if sooner {
+            self.clock.notify_one();
+        }
+        result
+    }
+}
+
 /// An open simulated device.
 pub struct SimDevice {
-    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
     open: u64,
     info: Arc<Mutex<DeviceInfo>>,
 }
 
-type Ack = oneshot::Sender<Result<(), UsbError>>;
-
-enum Command {
-    Open {
-        key: DeviceKey,
-        reply: oneshot::Sender<Result<SimDevice, UsbError>>,
-    },
-    Submit {
-        open: u64,
-        transfer: Transfer,
-        reply: ReplySink,
-    },
-    Cancel {
-        open: u64,
-        id: RequestId,
-    },
-    SetConfiguration {
-        open: u64,
-        value: u8,
-        reply: Ack,
-    },
-    SetInterface {
-        open: u64,
-        interface: u8,
-        alt: u8,
-        reply: Ack,
-    },
-    ClearHalt {
-        open: u64,
-        endpoint: u8,
-        reply: Ack,
-    },
-    Reset {
-        open: u64,
-        reply: Ack,
-    },
-    Close {
-        open: u64,
-        reply: oneshot::Sender<()>,
-    },
-    Ping {
-        reply: oneshot::Sender<()>,
-    },
-}
-
 impl SimBackend {
-    /// Plugs in the configured devices and starts the simulation thread.
+    /// Plugs in the configured devices and starts the clock task. Must run
+    /// inside the tokio runtime.
     pub fn start(config: &SimSection) -> SimBackend {
-        let (commands, receiver) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(64);
         let snapshot = Arc::new(Mutex::new(Vec::new()));
         let mut bus = Bus {
@@ -113,7 +101,7 @@ impl SimBackend {
             next_open: 1,
             next_address: 2,
             freeze: None,
-            commands: commands.clone(),
+            clock_armed: None,
             base_delay: Duration::from_millis(config.completion_delay_ms),
         };
         for kind in &config.devices {
@@ -126,60 +114,46 @@ impl SimBackend {
             bus.plug_new(behaviour);
         }
         bus.publish();
-        std::thread::Builder::new()
-            .name("sim-usb".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .expect("sim runtime");
-                runtime.block_on(bus.run(receiver));
-            })
-            .expect("spawn sim thread");
-        SimBackend {
-            commands,
+        let shared = Arc::new(Shared {
+            bus: Mutex::new(bus),
+            clock: Notify::new(),
             snapshot,
             events,
-        }
+        });
+        tokio::spawn(clock(shared.clone()));
+        SimBackend { shared }
     }
 
     /// Devices currently plugged in.
     pub fn devices(&self) -> Vec<DeviceInfo> {
-        self.snapshot.lock().expect("snapshot lock").clone()
+        self.shared.snapshot.lock().expect("snapshot lock").clone()
     }
 
     /// Hotplug events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
-        self.events.subscribe()
+        self.shared.events.subscribe()
     }
 
     /// Opens a device for exclusive use.
     pub async fn open(&self, key: &DeviceKey) -> Result<SimDevice, UsbError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Open {
-            key: key.clone(),
-            reply,
-        });
-        answer.await.unwrap_or_else(|_| Err(thread_gone()))
+        let (open, info) = self.shared.with_bus(|bus| bus.open(key))?;
+        Ok(SimDevice {
+            shared: self.shared.clone(),
+            open,
+            info,
+        })
     }
 
-    /// True if the simulation thread answers within [`HEALTH_TIMEOUT`].
+    /// True if the bus can be taken within [`HEALTH_TIMEOUT`]: a hung
+    /// simulated USB stack holds it.
     pub async fn healthy(&self) -> bool {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Ping { reply });
+        let shared = self.shared.clone();
+        let probe = tokio::task::spawn_blocking(move || drop(shared.bus()));
         matches!(
-            tokio::time::timeout(HEALTH_TIMEOUT, answer).await,
+            tokio::time::timeout(HEALTH_TIMEOUT, probe).await,
             Ok(Ok(()))
         )
     }
-
-    fn send(&self, command: Command) {
-        let _ = self.commands.send(command);
-    }
-}
-
-fn thread_gone() -> UsbError {
-    UsbError::Io("simulation thread is gone".into())
 }
 
 impl SimDevice {
@@ -188,73 +162,84 @@ impl SimDevice {
         self.info.lock().expect("info lock").clone()
     }
 
-    /// Queues a transfer.
+    /// Queues a transfer; what can complete now completes now.
     pub fn submit(&self, transfer: Transfer, reply: ReplySink) {
-        let _ = self.commands.send(Command::Submit {
-            open: self.open,
-            transfer,
-            reply,
-        });
+        self.shared
+            .with_bus(|bus| bus.submit(self.open, transfer, reply));
     }
 
     /// Cancels a pending transfer.
     pub fn cancel(&self, id: RequestId) {
-        let _ = self.commands.send(Command::Cancel {
-            open: self.open,
-            id,
-        });
-    }
-
-    async fn ask(&self, make: impl FnOnce(Ack) -> Command) -> Result<(), UsbError> {
-        let (reply, answer) = oneshot::channel();
-        let _ = self.commands.send(make(reply));
-        answer.await.unwrap_or_else(|_| Err(thread_gone()))
+        self.shared.with_bus(|bus| bus.cancel(self.open, id));
     }
 
     /// SET_CONFIGURATION.
     pub async fn set_configuration(&self, value: u8) -> Result<(), UsbError> {
-        let open = self.open;
-        self.ask(|reply| Command::SetConfiguration { open, value, reply })
-            .await
+        self.shared
+            .with_bus(|bus| bus.set_configuration(self.open, value))
     }
 
     /// SET_INTERFACE.
     pub async fn set_interface(&self, interface: u8, alt: u8) -> Result<(), UsbError> {
-        let open = self.open;
-        self.ask(|reply| Command::SetInterface {
-            open,
-            interface,
-            alt,
-            reply,
+        self.shared.with_bus(|bus| match bus.unit_for(self.open) {
+            None => Err(UsbError::NoDevice),
+            Some(unit) => set_interface(unit, interface, alt),
         })
-        .await
     }
 
     /// CLEAR_FEATURE(ENDPOINT_HALT).
     pub async fn clear_halt(&self, endpoint: u8) -> Result<(), UsbError> {
-        let open = self.open;
-        self.ask(|reply| Command::ClearHalt {
-            open,
-            endpoint,
-            reply,
+        self.shared.with_bus(|bus| match bus.unit_for(self.open) {
+            None => Err(UsbError::NoDevice),
+            Some(unit) => {
+                unit.halted.remove(&endpoint);
+                unit.pump(Instant::now());
+                Ok(())
+            }
         })
-        .await
     }
 
     /// Port reset.
     pub async fn reset(&self) -> Result<(), UsbError> {
-        let open = self.open;
-        self.ask(|reply| Command::Reset { open, reply }).await
+        self.shared.with_bus(|bus| match bus.unit_for(self.open) {
+            None => Err(UsbError::NoDevice),
+            Some(unit) => {
+                unit.fail_pending(UsbError::Cancelled, None);
+                unit.halted.clear();
+                unit.alts.clear();
+                unit.behaviour.reset();
+                Ok(())
+            }
+        })
     }
 
     /// Releases the device; pending transfers end with `Cancelled`.
     pub async fn close(&self) {
-        let (reply, answer) = oneshot::channel();
-        let _ = self.commands.send(Command::Close {
-            open: self.open,
-            reply,
+        self.shared.with_bus(|bus| {
+            if let Some(unit) = bus.unit_for(self.open) {
+                unit.fail_pending(UsbError::Cancelled, None);
+                unit.opened_by = None;
+                unit.alts.clear();
+                unit.halted.clear();
+            }
         });
-        let _ = answer.await;
+    }
+}
+
+/// Drives the bus through time, for as long as the process runs.
+async fn clock(shared: Arc<Shared>) {
+    loop {
+        let due = {
+            let mut bus = shared.bus();
+            let due = bus.next_wakeup();
+            bus.clock_armed = due;
+            due
+        };
+        tokio::select! {
+            _ = sleep_until(due) => {}
+            _ = shared.clock.notified() => {}
+        }
+        shared.bus().tick(Instant::now());
     }
 }
 
@@ -514,7 +499,8 @@ struct Bus {
     next_open: u64,
     next_address: u8,
     freeze: Option<(Instant, Duration)>,
-    commands: mpsc::UnboundedSender<Command>,
+    /// When the clock task is due to wake next (`None`: only when notified).
+    clock_armed: Option<Instant>,
     base_delay: Duration,
 }
 
@@ -551,23 +537,12 @@ impl Bus {
             .collect();
     }
 
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        loop {
-            let wake = self
-                .units
-                .iter()
-                .filter_map(Unit::next_wakeup)
-                .chain(self.freeze.map(|(at, _)| at))
-                .min();
-            tokio::select! {
-                command = commands.recv() => match command {
-                    Some(command) => self.handle(command),
-                    None => return,
-                },
-                _ = sleep_until(wake) => {}
-            }
-            self.tick(Instant::now());
-        }
+    fn next_wakeup(&self) -> Option<Instant> {
+        self.units
+            .iter()
+            .filter_map(Unit::next_wakeup)
+            .chain(self.freeze.map(|(at, _)| at))
+            .min()
     }
 
     fn tick(&mut self, now: Instant) {
@@ -597,88 +572,21 @@ impl Bus {
             .find(|u| u.plugged && u.opened_by == Some(open))
     }
 
-    fn handle(&mut self, command: Command) {
-        match command {
-            Command::Ping { reply } => {
-                let _ = reply.send(());
-            }
-            Command::Open { key, reply } => {
-                let _ = reply.send(self.open(&key));
-            }
-            Command::Submit {
-                open,
-                transfer,
-                reply,
-            } => self.submit(open, transfer, reply),
-            Command::Cancel { open, id } => {
-                if let Some(unit) = self.unit_for(open) {
-                    let found = unit.queues.iter_mut().find_map(|(ep, queue)| {
-                        let at = queue.iter().position(|p| p.reply.id == id)?;
-                        Some((*ep, queue.remove(at)?))
-                    });
-                    if let Some((ep, pending)) = found {
-                        unit.deliver(ep, pending.reply, Err(UsbError::Cancelled));
-                    }
-                }
-            }
-            Command::SetConfiguration { open, value, reply } => {
-                let result = self.set_configuration(open, value);
-                let _ = reply.send(result);
-            }
-            Command::SetInterface {
-                open,
-                interface,
-                alt,
-                reply,
-            } => {
-                let result = match self.unit_for(open) {
-                    None => Err(UsbError::NoDevice),
-                    Some(unit) => set_interface(unit, interface, alt),
-                };
-                let _ = reply.send(result);
-            }
-            Command::ClearHalt {
-                open,
-                endpoint,
-                reply,
-            } => {
-                let result = match self.unit_for(open) {
-                    None => Err(UsbError::NoDevice),
-                    Some(unit) => {
-                        unit.halted.remove(&endpoint);
-                        Ok(())
-                    }
-                };
-                let _ = reply.send(result);
-            }
-            Command::Reset { open, reply } => {
-                let result = match self.unit_for(open) {
-                    None => Err(UsbError::NoDevice),
-                    Some(unit) => {
-                        unit.fail_pending(UsbError::Cancelled, None);
-                        unit.halted.clear();
-                        unit.alts.clear();
-                        unit.behaviour.reset();
-                        Ok(())
-                    }
-                };
-                let _ = reply.send(result);
-            }
-            Command::Close { open, reply } => {
-                if let Some(unit) = self.unit_for(open) {
-                    unit.fail_pending(UsbError::Cancelled, None);
-                    unit.opened_by = None;
-                    unit.alts.clear();
-                    unit.halted.clear();
-                }
-                let _ = reply.send(());
-            }
+    fn cancel(&mut self, open: u64, id: RequestId) {
+        let Some(unit) = self.unit_for(open) else {
+            return;
+        };
+        let found = unit.queues.iter_mut().find_map(|(ep, queue)| {
+            let at = queue.iter().position(|p| p.reply.id == id)?;
+            Some((*ep, queue.remove(at)?))
+        });
+        if let Some((ep, pending)) = found {
+            unit.deliver(ep, pending.reply, Err(UsbError::Cancelled));
         }
     }
 
-    fn open(&mut self, key: &DeviceKey) -> Result<SimDevice, UsbError> {
+    fn open(&mut self, key: &DeviceKey) -> Result<(u64, Arc<Mutex<DeviceInfo>>), UsbError> {
         let open = self.next_open;
-        let commands = self.commands.clone();
         let unit = self
             .units
             .iter_mut()
@@ -692,11 +600,7 @@ impl Bus {
         if let Behaviour::Keyboard(k) = &mut unit.behaviour {
             k.start_typing();
         }
-        Ok(SimDevice {
-            commands,
-            open,
-            info: unit.info.clone(),
-        })
+        Ok((open, unit.info.clone()))
     }
 
     fn submit(&mut self, open: u64, transfer: Transfer, reply: ReplySink) {
@@ -706,7 +610,9 @@ impl Bus {
             .iter()
             .position(|u| u.plugged && u.opened_by == Some(open))
         else {
-            tokio::spawn(reply.send(Err(UsbError::NoDevice)));
+            if let Err((reply, result)) = reply.try_send(Err(UsbError::NoDevice)) {
+                tokio::spawn(reply.send(result));
+            }
             return;
         };
         let unit = &mut self.units[index];
@@ -740,6 +646,9 @@ impl Bus {
                 reply,
                 deadline,
             });
+        // Complete at once what the device can complete now (an OUT may also
+        // satisfy an IN waiting on the loopback).
+        unit.pump(Instant::now());
     }
 
     fn apply(&mut self, index: usize, effect: Effect) {
