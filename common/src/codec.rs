@@ -355,32 +355,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes everything queued.
     pub async fn flush(&mut self) -> Result<(), CodecError> {
-        use tokio::io::AsyncWriteExt;
-        let mut pieces: Vec<Bytes> = std::mem::take(&mut self.pieces);
-        pieces.retain(|p| !p.is_empty());
-        let mut start = 0;
-        while start < pieces.len() {
-            let slices: Vec<std::io::IoSlice<'_>> = pieces[start..]
-                .iter()
-                .take(64)
-                .map(|p| std::io::IoSlice::new(p))
-                .collect();
-            let mut written = self.io.write_vectored(&slices).await?;
-            if written == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
-            }
-            while written > 0 {
-                let first = &mut pieces[start];
-                if written >= first.len() {
-                    written -= first.len();
-                    start += 1;
-                } else {
-                    first.advance(written);
-                    written = 0;
-                }
-            }
-        }
-        self.io.flush().await?;
+        write_all_vectored(&mut self.io, &mut self.pieces).await?;
         Ok(())
     }
 
@@ -397,6 +372,41 @@ impl<W: tokio::io::AsyncWrite + Unpin> FrameWriter<W> {
         self.io.shutdown().await?;
         Ok(())
     }
+}
+
+/// Writes (and empties) `pieces` with vectored writes, so payloads go to the
+/// stream from where they are instead of being copied into a buffer first;
+/// then flushes.
+pub async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    pieces: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    pieces.retain(|piece| !piece.is_empty());
+    let mut start = 0;
+    while start < pieces.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = pieces[start..]
+            .iter()
+            .take(64)
+            .map(|p| std::io::IoSlice::new(p))
+            .collect();
+        let mut written = writer.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let piece = &mut pieces[start];
+            if written >= piece.len() {
+                written -= piece.len();
+                start += 1;
+            } else {
+                piece.advance(written);
+                written = 0;
+            }
+        }
+    }
+    pieces.clear();
+    writer.flush().await
 }
 
 /// Encodes a message as a frame body (without the length prefix).

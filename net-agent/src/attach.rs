@@ -14,7 +14,7 @@
 //! attached again if it returns within [`RETURN_WAIT`].
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +53,13 @@ pub fn records_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("p2p-usb-{}", nix::unistd::geteuid())))
         .join("p2p-usb")
         .join("attached")
+}
+
+/// The directory [`records_dir`] lives in and that is trusted as it is.
+fn records_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// Attaches `device` of `server` until detached, stopped, or gone for good.
@@ -200,6 +207,40 @@ async fn wait_for_return(
     Err(AttachError::Gone { key: key.clone() })
 }
 
+/// Creates `dir` below `base` owner-only (0700). Without XDG_RUNTIME_DIR the
+/// records live under the shared temporary directory, where another user
+/// could have planted `/tmp/p2p-usb-UID` (or a symlink) to have us write into
+/// a place of their choosing: every component below `base` must be a real
+/// directory owned by us and writable by nobody else.
+fn private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !dir.starts_with(base) {
+        return Err(std::io::Error::other(format!(
+            "{} is not below {}",
+            dir.display(),
+            base.display()
+        )));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut path = dir;
+    while path != base {
+        let meta = std::fs::symlink_metadata(path)?;
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} is not a private directory of uid {uid}",
+                path.display()
+            )));
+        }
+        let Some(parent) = path.parent() else { break };
+        path = parent;
+    }
+    Ok(())
+}
+
 fn write_record(
     port: u32,
     remote: &Remote,
@@ -207,7 +248,7 @@ fn write_record(
     device: &UsbDevice,
 ) -> Option<PathBuf> {
     let dir = records_dir();
-    std::fs::create_dir_all(&dir).ok()?;
+    private_dir(&records_base(), &dir).ok()?;
     let path = dir.join(port.to_string());
     let text = format!(
         "port = {port}\nserver = \"{}\"\ndevice = \"{key}\"\nbusid = \"{}\"\npid = {}\n",
@@ -217,4 +258,40 @@ fn write_record(
     );
     std::fs::write(&path, text).ok()?;
     Some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn records_go_only_into_private_directories() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base
+            .path()
+            .join("p2p-usb-1")
+            .join("p2p-usb")
+            .join("attached");
+        private_dir(base.path(), &dir).unwrap();
+        let mode = std::fs::metadata(base.path().join("p2p-usb-1"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+
+        // Planted by someone else: writable by others.
+        let planted = base.path().join("p2p-usb-2");
+        std::fs::create_dir(&planted).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(private_dir(base.path(), &planted.join("p2p-usb").join("attached")).is_err());
+
+        // A symlink to a place of someone else's choosing.
+        let target = base.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        std::os::unix::fs::symlink(&target, base.path().join("p2p-usb-3")).unwrap();
+        assert!(private_dir(base.path(), &base.path().join("p2p-usb-3").join("x")).is_err());
+
+        assert!(private_dir(base.path(), Path::new("/elsewhere/p2p-usb")).is_err());
+    }
 }

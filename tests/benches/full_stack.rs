@@ -78,7 +78,8 @@ fn main() {
         let client_rss = vm_hwm("/proc/self/status");
 
         set_config(&device, zero::CONFIG_SOURCE_SINK).await;
-        let stack = rtt_stack(&device).await;
+        device.close().await;
+        let stack = rtt_stack(gateway_addr, &busid).await;
         let raw = echo.rtt().await;
         println!("{:<26} {:>12} {:>12} {:>7}", "64-byte round trip", "stack", "iroh", "ratio");
         for (name, p) in [("p50", 50), ("p99", 99)] {
@@ -150,16 +151,42 @@ async fn check(
     assert_eq!(r.await.unwrap().actual_length, size);
 }
 
-async fn rtt_stack(device: &Imported) -> Vec<f64> {
+/// One 64-byte IN at a time over a plain USB/IP connection, read in the
+/// measuring task itself, as the iroh baseline reads its echo.
+async fn rtt_stack(gateway: SocketAddr, busid: &str) -> Vec<f64> {
+    use p2p_usb_agent::usbip::proto::{
+        CmdSubmit, OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, USB_DEVICE_LEN, USBIP_DIR_IN, UrbHeader,
+        encode_import_request,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut request = OpHeader::new(OP_REQ_IMPORT, 0).encode().to_vec();
+    request.extend_from_slice(&encode_import_request(busid).unwrap());
+    stream.write_all(&request).await.unwrap();
+    let mut reply = [0u8; OP_HEADER_LEN + USB_DEVICE_LEN];
+    stream.read_exact(&mut reply).await.unwrap();
     let mut samples = Vec::with_capacity(RTT_ROUNDS);
-    for _ in 0..RTT_ROUNDS {
+    let mut answer = [0u8; 48 + 64];
+    for seqnum in 1..=RTT_ROUNDS as u32 {
+        let command = UrbHeader::Submit(CmdSubmit {
+            seqnum,
+            direction: USBIP_DIR_IN,
+            ep: u32::from(zero::EP_IN & 0x0f),
+            transfer_buffer_length: 64,
+            ..CmdSubmit::default()
+        })
+        .encode();
         let started = Instant::now();
-        let result = device
-            .transfer(zero::EP_IN, UrbData::In(64), 0)
-            .await
-            .unwrap();
+        stream.write_all(&command).await.unwrap();
+        stream.read_exact(&mut answer).await.unwrap();
         samples.push(started.elapsed().as_secs_f64() * 1e6);
-        assert_eq!(result.actual_length, 64);
+        match UrbHeader::decode(answer[..48].try_into().unwrap()).unwrap() {
+            UrbHeader::RetSubmit(ret) => {
+                assert_eq!((ret.seqnum, ret.status, ret.actual_length), (seqnum, 0, 64))
+            }
+            other => panic!("{other:?}"),
+        }
     }
     samples
 }

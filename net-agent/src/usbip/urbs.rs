@@ -14,12 +14,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use p2p_usb_common::codec::write_all_vectored;
 use p2p_usb_common::link::LinkClient;
 use p2p_usb_common::proto::{
     DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Reply, Request, RequestId, SetupPacket, Transfer,
     TransferData, TransferFlags, UsbError,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -91,48 +92,76 @@ pub async fn serve<S>(stream: S, mut device: RemoteDevice, stop: CancellationTok
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (reader, writer) = tokio::io::split(stream);
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut batch: Vec<Bytes> = Vec::new();
     let pending: Arc<Mutex<Pending>> = Arc::default();
-    let (to_writer, writer_queue) = mpsc::unbounded_channel::<Outgoing>();
+    let (to_writer, mut from_reader) = mpsc::unbounded_channel::<Outgoing>();
     let (replies, mut completions) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(write_loop(writer, writer_queue));
     let mut reader_task = tokio::spawn(read_loop(
         reader,
         device.session.clone(),
         device.handle,
         pending.clone(),
         replies,
-        to_writer.clone(),
+        to_writer,
     ));
 
+    // Replies are written from this loop directly: completions arrive here
+    // in the server's order, and whatever is ready goes out in one flush.
     let reason = loop {
-        tokio::select! {
+        let first = tokio::select! {
             ended = &mut reader_task => break ended.unwrap_or_else(|e| EndReason::Protocol(e.to_string())),
-            Some((id, result)) = completions.recv() => {
-                if let Err(UsbError::Io(reason)) = &result
-                    && device.session.is_closed()
-                {
-                    break EndReason::LinkLost(reason.clone());
-                }
-                if let Some(out) = complete(&pending, id, result) {
-                    let _ = to_writer.send(out);
-                }
-            }
+            Some((id, result)) = completions.recv() => Ready::Completion(id, result),
+            Some(out) = from_reader.recv() => Ready::Reply(out),
             event = device.events.recv() => match event {
                 Some(Event::DeviceLeft { key }) if key == device.key => break EndReason::DeviceGone,
                 Some(Event::ShuttingDown { reason }) => break EndReason::LinkLost(reason),
-                Some(_) => {}
+                Some(_) => continue,
                 None => break EndReason::LinkLost("session closed".into()),
             },
             _ = device.session.closed() => break EndReason::LinkLost("session closed".into()),
             _ = stop.cancelled() => break EndReason::Stopped,
+        };
+        let mut next = Some(first);
+        let mut lost = None;
+        while let Some(ready) = next.take() {
+            let out = match ready {
+                Ready::Completion(id, result) => {
+                    if let Err(UsbError::Io(reason)) = &result
+                        && device.session.is_closed()
+                    {
+                        lost = Some(reason.clone());
+                        break;
+                    }
+                    complete(&pending, id, result)
+                }
+                Ready::Reply(out) => Some(out),
+            };
+            if let Some(out) = out {
+                batch.extend([Bytes::copy_from_slice(&out.header), out.data, out.iso]);
+            }
+            next = completions
+                .try_recv()
+                .map(|(id, result)| Ready::Completion(id, result))
+                .or_else(|_| from_reader.try_recv().map(Ready::Reply))
+                .ok();
+        }
+        if write_all_vectored(&mut writer, &mut batch).await.is_err() {
+            break EndReason::ClientClosed;
+        }
+        if let Some(reason) = lost {
+            break EndReason::LinkLost(reason);
         }
     };
     reader_task.abort();
-    drop(to_writer);
-    // Let already-queued replies go out before the connection closes.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer_task).await;
+    let _ = writer.shutdown().await;
     reason
+}
+
+/// Work that is ready for the writer.
+enum Ready {
+    Completion(RequestId, Result<Reply, UsbError>),
+    Reply(Outgoing),
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -373,27 +402,4 @@ fn iso_refusal(cmd: &CmdSubmit, iso: Vec<IsoPacketDescriptor>) -> Outgoing {
         data: Bytes::new(),
         iso: descriptors.freeze(),
     }
-}
-
-async fn write_loop<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut queue: mpsc::UnboundedReceiver<Outgoing>,
-) {
-    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
-    while let Some(first) = queue.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next {
-            if writer.write_all(&out.header).await.is_err()
-                || writer.write_all(&out.data).await.is_err()
-                || writer.write_all(&out.iso).await.is_err()
-            {
-                return;
-            }
-            next = queue.try_recv().ok();
-        }
-        if writer.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = writer.shutdown().await;
 }
