@@ -365,6 +365,12 @@ impl<W: tokio::io::AsyncWrite + Unpin> FrameWriter<W> {
         self.flush().await
     }
 
+    /// Sends a last message, then shuts the stream down.
+    pub async fn shutdown_with<T: Serialize>(&mut self, message: &T) -> Result<(), CodecError> {
+        self.queue(message)?;
+        self.shutdown().await
+    }
+
     /// Flushes and shuts the stream down, so the peer sees the end.
     pub async fn shutdown(&mut self) -> Result<(), CodecError> {
         use tokio::io::AsyncWriteExt;

@@ -36,6 +36,8 @@ pub enum LinkError {
     HelloTimeout(Duration),
     #[error("peer's first message was not a hello")]
     NotHello,
+    #[error("refused: {0}")]
+    Refused(String),
     #[error(transparent)]
     Incompatible(UsbError),
 }
@@ -58,6 +60,9 @@ where
         Some(Ok(Ok(Message::Hello(hello)))) => {
             hello.check_compatible().map_err(LinkError::Incompatible)?;
             Ok(hello)
+        }
+        Some(Ok(Ok(Message::Event(Event::ShuttingDown { reason })))) => {
+            Err(LinkError::Refused(reason))
         }
         Some(Ok(_)) => Err(LinkError::NotHello),
         Some(Err(e)) => Err(e.into()),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use p2p_usb_common::access::{AccessList, PeerCredentials};
-use p2p_usb_common::codec::MessageCodec;
+use p2p_usb_common::codec::{FrameWriter, MessageCodec};
 use p2p_usb_common::proto::DeviceInfo;
 use p2p_usb_common::service::{self, ListenError};
 use serde::{Deserialize, Serialize};
@@ -119,6 +119,16 @@ pub async fn serve(listener: UnixListener, access: AccessList, handler: Arc<dyn 
         };
         if !access.allows(&peer) {
             tracing::warn!(peer = %peer, "control socket: refused (not root, the agent user, or the admin group)");
+            let reason =
+                format!("refused: {peer} is not root, the agent's user, or in the admin group");
+            tokio::spawn(async move {
+                let mut writer = FrameWriter::new(stream);
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    writer.shutdown_with(&ControlReply::Failed(reason)),
+                )
+                .await;
+            });
             continue;
         }
         let handler = handler.clone();

@@ -283,6 +283,7 @@ impl EchoPeer {
 
 async fn endpoint(accept: bool) -> Endpoint {
     let mut builder = Endpoint::builder(presets::Minimal)
+        .crypto_provider(p2p_usb_agent::net::crypto_provider())
         .secret_key(SecretKey::generate())
         .relay_mode(RelayMode::Disabled)
         .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)

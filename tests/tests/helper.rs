@@ -120,15 +120,24 @@ fn hung_usb_thread_withholds_watchdog_pings() {
     });
 }
 
-/// Connects, and reports whether the helper said hello (accepted) or closed
-/// the connection without a word (rejected).
-fn helper_says_hello(socket: &std::path::Path) -> bool {
+/// Connects, and reports whether the helper said hello (accepted) or hung
+/// up after a refusal notice (rejected; the notice is returned).
+fn helper_says_hello(socket: &std::path::Path) -> Result<(), String> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).is_ok()
+    match read_message(&mut stream) {
+        Some(Message::Hello(_)) => Ok(()),
+        Some(Message::Event(Event::ShuttingDown { reason })) => {
+            assert!(
+                read_message(&mut stream).is_none(),
+                "closed after the notice"
+            );
+            Err(reason)
+        }
+        other => panic!("unexpected first message {other:?}"),
+    }
 }
 
 #[test]
@@ -139,7 +148,11 @@ fn peers_outside_the_allowed_users_are_rejected() {
     let config = write_sim_config(dir.path(), &socket, NOBODY - 1, "");
     let helper = start_listening_helper(dir.path(), &config, &socket, None);
     wait_for_path(&socket, Duration::from_secs(10));
-    assert!(!helper_says_hello(&socket), "rejected before any byte");
+    let refusal = helper_says_hello(&socket).unwrap_err();
+    assert!(
+        refusal.contains("is not allowed") && refusal.contains("uid="),
+        "{refusal}"
+    );
     assert!(
         helper.output().contains("rejected peer"),
         "{}",
@@ -175,7 +188,7 @@ fn peer_running_as_another_uid_is_rejected_and_allowed_peers_still_served() {
         String::from_utf8_lossy(&result.stderr)
     );
     assert!(
-        helper_says_hello(&helper.socket),
+        helper_says_hello(&helper.socket).is_ok(),
         "root (allowed) is still served"
     );
     assert!(helper.process.output().contains("rejected peer"));
@@ -838,5 +851,5 @@ fn helper_runs_unprivileged_with_no_capabilities() {
         "{status}"
     );
     // It serves root (allowed_users = [0]) while running as nobody.
-    assert!(helper_says_hello(&socket));
+    assert!(helper_says_hello(&socket).is_ok());
 }

@@ -165,6 +165,14 @@ impl Helper {
         };
         if !self.access.allows(&peer) {
             tracing::warn!(peer = %peer, "rejected peer: not an allowed user or group");
+            // Say why, then hang up; nothing the peer sent has been read.
+            let reason = format!(
+                "{peer} is not allowed on this socket ([helper] allowed_users / allowed_groups)"
+            );
+            let mut writer = FrameWriter::new(stream);
+            let notice = Message::Event(Event::ShuttingDown { reason });
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), writer.shutdown_with(&notice)).await;
             return;
         }
         self.peers.fetch_add(1, Ordering::Relaxed);

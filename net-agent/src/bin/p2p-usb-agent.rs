@@ -200,6 +200,9 @@ fn done(reply: Result<ControlReply, control::ControlError>) {
 }
 
 fn unexpected(reply: ControlReply) -> ! {
+    if let ControlReply::Failed(text) = reply {
+        exit::fail(PROGRAM, text, exit::NOPERM);
+    }
     exit::fail(
         PROGRAM,
         format!("unexpected reply from the agent: {reply:?}"),
