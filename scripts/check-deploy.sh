@@ -4,7 +4,7 @@
 #   ./scripts/check-deploy.sh [--bin-dir DIR] [--require-binaries] [--keep]
 #
 #  1. tools: installs shellcheck / dpkg-dev / systemd with apt-get when missing
-#  2. shellcheck on scripts/*.sh, tests/vm/*.sh and the Debian maintainer scripts
+#  2. shellcheck on scripts/*.sh, the VM harness and scenarios, and the Debian maintainer scripts
 #  3. the installer into a DESTDIR (PREFIX=/usr/local): exact file list with modes,
 #     idempotent re-run, an existing config is never overwritten
 #  4. systemd-analyze verify --man=no on every unit (templates as instance "ci"),
@@ -112,7 +112,10 @@ fi
 # ---------------------------------------------------------------------------
 section "2. shellcheck"
 scripts=("$REPO"/scripts/*.sh)
-for f in "$REPO"/tests/vm/*.sh; do [ -e "$f" ] && scripts+=("$f"); done
+for f in "$REPO"/tests/vm/*.sh "$REPO"/tests/vm/scenarios/*.sh "$REPO"/tests/vm/guest/runner.sh \
+    "$REPO"/tests/vm/guest/vmctl "$REPO"/tests/vm/guest/vmtest-start; do
+    [ -e "$f" ] && scripts+=("$f")
+done
 for f in postinst prerm postrm; do scripts+=("$REPO/packaging/debian/$f"); done
 if shellcheck -x "${scripts[@]}"; then
     ok "${#scripts[@]} scripts: ${scripts[*]#"$REPO"/}"

@@ -479,15 +479,34 @@ impl Netns {
         let host_side = format!("p2pu{}a", std::process::id() % 100000);
         let peer_side = format!("p2pu{}b", std::process::id() % 100000);
         let ip = |args: &[&str]| {
-            let status = std::process::Command::new("ip").args(args).status().expect("run ip");
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("run ip");
             assert!(status.success(), "ip {args:?}");
         };
         ip(&["netns", "add", &name]);
-        ip(&["link", "add", &host_side, "type", "veth", "peer", "name", &peer_side]);
+        ip(&[
+            "link", "add", &host_side, "type", "veth", "peer", "name", &peer_side,
+        ]);
         ip(&["link", "set", &peer_side, "netns", &name]);
-        ip(&["addr", "add", &format!("10.199.{subnet}.1/24"), "dev", &host_side]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.199.{subnet}.1/24"),
+            "dev",
+            &host_side,
+        ]);
         ip(&["link", "set", &host_side, "up"]);
-        ip(&["-n", &name, "addr", "add", &format!("10.199.{subnet}.2/24"), "dev", &peer_side]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("10.199.{subnet}.2/24"),
+            "dev",
+            &peer_side,
+        ]);
         ip(&["-n", &name, "link", "set", &peer_side, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         Netns { name, host_side }
@@ -505,8 +524,12 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_side]).status();
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_side])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -524,9 +547,14 @@ async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back
         "[client]\nsecret_key = \"{}\"\n\n[iroh]\nrelay_mode = \"disabled\"\nbind_addr = \"10.199.{subnet}.1:0\"\ndns_discovery = false\n",
         key.display()
     );
-    let config = p2p_usb_common::config::ConfigFile::parse(std::path::Path::new("client.toml"), text).unwrap();
+    let config =
+        p2p_usb_common::config::ConfigFile::parse(std::path::Path::new("client.toml"), text)
+            .unwrap();
     let client = p2p_usb_agent::client::Client::start(config).await.unwrap();
-    let server_addr = format!("10.199.{subnet}.2:{}", p2p_usb_tests::server::free_udp_port());
+    let server_addr = format!(
+        "10.199.{subnet}.2:{}",
+        p2p_usb_tests::server::free_udp_port()
+    );
     let server = ServerUnderTest::start_in(
         &approved(client.id()),
         "auto_share = true",
@@ -538,14 +566,27 @@ async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back
     let (session, _events) = client.session(&connection).await.unwrap();
     let key = client::list_devices(&session).await.unwrap()[0].key.clone();
     let handle = usb::open(&session, &key).await.unwrap();
-    control(&session, handle, 0, std_request::SET_CONFIGURATION, zero::CONFIG_LOOPBACK.into(), 0, out(Bytes::new()))
-        .await
-        .unwrap();
+    control(
+        &session,
+        handle,
+        0,
+        std_request::SET_CONFIGURATION,
+        zero::CONFIG_LOOPBACK.into(),
+        0,
+        out(Bytes::new()),
+    )
+    .await
+    .unwrap();
     let (_, pending) = usb::start(&session, transfer(handle, zero::EP_IN, input(512))).await;
 
     netns.link(false);
-    let ended = tokio::time::timeout(Duration::from_secs(90), pending).await.expect("the cut is noticed");
-    assert!(ended.is_err(), "the in-flight transfer failed (never replayed): {ended:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(90), pending)
+        .await
+        .expect("the cut is noticed");
+    assert!(
+        ended.is_err(),
+        "the in-flight transfer failed (never replayed): {ended:?}"
+    );
     assert!(session.is_closed());
 
     netns.link(true);
@@ -564,6 +605,17 @@ async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back
     .await
     .expect("back within a minute");
     let (_connection, session, _events, handle) = reconnected;
-    usb::run(&session, transfer(handle, zero::EP_OUT, out(Bytes::from_static(b"again")))).await.unwrap();
-    assert_eq!(&usb::run(&session, transfer(handle, zero::EP_IN, input(512))).await.unwrap().data[..], b"again");
+    usb::run(
+        &session,
+        transfer(handle, zero::EP_OUT, out(Bytes::from_static(b"again"))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        &usb::run(&session, transfer(handle, zero::EP_IN, input(512)))
+            .await
+            .unwrap()
+            .data[..],
+        b"again"
+    );
 }

@@ -26,10 +26,13 @@ import time
 
 # Hot-pluggable USB devices: id -> device_add arguments. The same definitions build
 # the QEMU command line, so `plug ID` re-creates exactly what was there at boot.
+# Fixed ports: `plug` after `unplug` puts a device back where it was (QEMU would take
+# the next free port otherwise), like re-plugging a stick into the same socket; the
+# device's bus path, part of p2p-usb's stable device key, stays the same.
 USB_DEVICES = {
-    "stick": {"driver": "usb-storage", "bus": "xhci.0", "drive": "stickdisk"},
-    "kbd": {"driver": "usb-kbd", "bus": "xhci.0"},
-    "serial": {"driver": "usb-serial", "bus": "xhci.0", "chardev": "ser0"},
+    "stick": {"driver": "usb-storage", "bus": "xhci.0", "port": "1", "drive": "stickdisk"},
+    "kbd": {"driver": "usb-kbd", "bus": "xhci.0", "port": "2"},
+    "serial": {"driver": "usb-serial", "bus": "xhci.0", "port": "3", "chardev": "ser0"},
 }
 
 # Kernel messages (dmesg, or console lines with a printk timestamp) that fail the run

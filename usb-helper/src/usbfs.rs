@@ -3,9 +3,10 @@
 //! Access comes from the udev rule that gives the helper's group read-write on
 //! `/dev/bus/usb/*/*`; no capability is needed. What usbip-host does in the
 //! kernel is done here with usbfs calls: every interface of the active
-//! configuration is claimed with its kernel driver detached, SET_CONFIGURATION
-//! / SET_INTERFACE / CLEAR_HALT / reset become the real operations, and the
-//! kernel drivers are re-attached on close.
+//! configuration is claimed with its kernel driver detached (after a device
+//! reset, as on a fresh plug-in), SET_CONFIGURATION / SET_INTERFACE /
+//! CLEAR_HALT / reset become the real operations, and the kernel drivers are
+//! re-attached on close.
 //!
 //! nusb 0.2 can only cancel all transfers of an endpoint, so cancelling one
 //! transfer cancels the endpoint's queue and transparently resubmits the other
@@ -123,6 +124,7 @@ impl UsbfsBackend {
 fn scan() -> Vec<Found> {
     match nusb::list_devices().wait() {
         Ok(list) => list
+            .filter(|nusb| !on_vhci(nusb.sysfs_path()))
             .filter_map(|nusb| {
                 let info = describe(&nusb)
                     .map_err(|e| tracing::warn!("skipping {:?}: {e}", nusb.sysfs_path()))
@@ -135,6 +137,19 @@ fn scan() -> Vec<Found> {
             Vec::new()
         }
     }
+}
+
+/// Devices attached to this machine through USB/IP (`vhci_hcd`) are not ours
+/// to offer: on a machine that is server and client at once the helper would
+/// otherwise list every device a client attached here as a new local one
+/// (with `auto_share` and a VID:PID ceiling, offered again: a loop), and a
+/// VID:PID picked by a client would match twice.
+fn on_vhci(sysfs_path: &Path) -> bool {
+    sysfs_path.components().any(|c| {
+        c.as_os_str()
+            .to_str()
+            .is_some_and(|name| name.starts_with("vhci_hcd."))
+    })
 }
 
 /// The kernel's own uevents (netlink group 1). udevd's re-broadcasts, which
@@ -292,6 +307,13 @@ fn describe_sysfs(dir: &Path, bus: u8, address: u8, speed: Speed) -> Result<Devi
     })
 }
 
+/// The name of the driver bound to interface `name` (e.g. `2-1:1.0`), from sysfs.
+fn interface_driver(name: &str) -> Option<String> {
+    std::fs::read_link(Path::new("/sys/bus/usb/devices").join(name).join("driver"))
+        .ok()
+        .and_then(|target| target.file_name()?.to_str().map(str::to_string))
+}
+
 /// Maps nusb's operation errors.
 fn map_error(e: nusb::Error) -> UsbError {
     match e.kind() {
@@ -337,7 +359,8 @@ fn request_kind(request_type: u8) -> Result<(ControlType, Recipient), UsbError> 
     Ok((control_type, recipient))
 }
 
-/// usbfs (through nusb) wants IN lengths that are whole packets.
+/// usbfs (through nusb) wants IN lengths that are whole packets. The extra
+/// room is never passed on: see [`finish`].
 fn whole_packets(length: u32, max_packet_size: usize) -> usize {
     let mps = max_packet_size.max(1);
     (length as usize).div_ceil(mps).max(1) * mps
@@ -391,8 +414,36 @@ impl UsbfsDevice {
             control_running,
             control_cancelled,
         };
-        this.claim_all().await?;
+        this.fresh_start().await?;
         Ok(this)
+    }
+
+    /// Takes the device from its kernel drivers, resets it, and claims it.
+    ///
+    /// The client's vhci_hcd enumerates a brand-new device, and on a real bus
+    /// that always starts with a port reset; usbip-host gets the same effect
+    /// by resetting the device when each session ends. Without it a device
+    /// whose previous user vanished mid-transfer (a helper killed during a
+    /// read) is still in that transfer's data phase: usb-storage on the
+    /// client then failed every command and gave up. The kernel drivers are
+    /// detached first so none of them reacts to the reset.
+    async fn fresh_start(&self) -> Result<(), UsbError> {
+        for number in self.interface_numbers() {
+            if let Err(e) = self.device.detach_kernel_driver(number)
+                && e.os_error() != Some(libc::ENODATA as u32)
+            {
+                return Err(map_error(e));
+            }
+        }
+        match self.device.reset().await {
+            Ok(()) => {}
+            Err(e) if e.kind() == nusb::ErrorKind::Disconnected => return Err(UsbError::NoDevice),
+            Err(e) => tracing::warn!(
+                device = %self.info().key,
+                "reset before use failed ({e}); using the device as it is"
+            ),
+        }
+        self.claim_all().await
     }
 
     /// The listing as opened, with the active configuration kept current.
@@ -632,18 +683,63 @@ impl UsbfsDevice {
     pub async fn close(&self) {
         self.stop_endpoints(None).await;
         self.release_all();
-        let numbers = self.interface_numbers();
-        let device = self.device.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for number in numbers {
-                if let Err(e) = device.attach_kernel_driver(number)
-                    && e.kind() != nusb::ErrorKind::Busy
-                {
-                    tracing::debug!("re-attaching kernel driver of interface {number}: {e}");
+        let info = self.info();
+        for number in self.interface_numbers() {
+            let interface = format!(
+                "{}:{}.{number}",
+                info.key.bus_path, info.active_configuration
+            );
+            self.reattach_driver(number, &interface).await;
+        }
+    }
+
+    /// USBDEVFS_CONNECT for one interface. The kernel answers EBUSY while any
+    /// driver is bound, and that includes usbfs itself: our claim is released
+    /// only when the last reference to the interface is gone (transfers that
+    /// were just cancelled may still hold one for a moment). Ignoring that
+    /// EBUSY left the interface without a driver after a detach, so the
+    /// device never came back to usb-storage locally.
+    async fn reattach_driver(&self, number: u8, interface: &str) {
+        const TRIES: u32 = 100;
+        for attempt in 1..=TRIES {
+            let device = self.device.clone();
+            let Ok(result) =
+                tokio::task::spawn_blocking(move || device.attach_kernel_driver(number)).await
+            else {
+                return;
+            };
+            match result {
+                Ok(()) => {
+                    let driver = interface_driver(interface);
+                    tracing::debug!(
+                        "interface {interface} handed back to the kernel (driver: {})",
+                        driver.as_deref().unwrap_or("none matched")
+                    );
+                    return;
+                }
+                Err(e) if e.kind() == nusb::ErrorKind::Busy => {
+                    match interface_driver(interface).as_deref() {
+                        // Still claimed by usbfs (by us): wait for the release.
+                        Some("usbfs") if attempt < TRIES => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Some("usbfs") => {
+                            tracing::warn!(
+                                "interface {interface} is still claimed through usbfs after close; its kernel driver was not re-attached"
+                            );
+                            return;
+                        }
+                        // Another driver is bound already: nothing to do.
+                        _ => return,
+                    }
+                }
+                Err(e) if e.os_error() == Some(libc::ENODEV as u32) => return,
+                Err(e) => {
+                    tracing::warn!("cannot re-attach the kernel driver of {interface}: {e}");
+                    return;
                 }
             }
-        })
-        .await;
+        }
     }
 }
 
@@ -706,8 +802,23 @@ struct InFlight {
 /// (which usbfs keeps equal to submission order per endpoint).
 async fn endpoint_worker<E: BulkOrInterrupt, D: EndpointDirection>(
     mut endpoint: nusb::Endpoint<E, D>,
-    mut commands: mpsc::UnboundedReceiver<EndpointCommand>,
+    commands: mpsc::UnboundedReceiver<EndpointCommand>,
 ) {
+    let stopped = run_endpoint(&mut endpoint, commands).await;
+    // The endpoint keeps its interface claimed: drop it before saying the
+    // worker is gone, so a close that follows finds the interface released
+    // and can give it back to its kernel driver.
+    drop(endpoint);
+    if let Some(done) = stopped {
+        let _ = done.send(());
+    }
+}
+
+/// The worker's loop; returns the `Stop` sender to answer, if stopped.
+async fn run_endpoint<E: BulkOrInterrupt, D: EndpointDirection>(
+    endpoint: &mut nusb::Endpoint<E, D>,
+    mut commands: mpsc::UnboundedReceiver<EndpointCommand>,
+) -> Option<oneshot::Sender<()>> {
     let mps = endpoint.max_packet_size().max(1);
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     // After a cancel the whole queue is discarded; these wait to go back in.
@@ -719,43 +830,45 @@ async fn endpoint_worker<E: BulkOrInterrupt, D: EndpointDirection>(
         tokio::select! {
             completion = endpoint.next_complete(), if endpoint.pending() > 0 => {
                 let Some(item) = in_flight.pop_front() else { continue };
-                let Some(reply) = item.reply else { continue };
-                let collateral = draining && !item.cancel_requested && stop.is_none();
-                match completion.status {
-                    Err(TransferError::Cancelled) if collateral && completion.actual_len == 0 => {
-                        // Cancelled only because another transfer of this
-                        // endpoint was: nothing moved, so it goes back in.
-                        resubmit.push(InFlight { reply: Some(reply), ..item });
-                    }
-                    Err(TransferError::Cancelled) if collateral => {
-                        // Collateral that had already moved data: report what
-                        // moved, as a short transfer.
-                        let result = finish(&item.transfer, completion.buffer, completion.actual_len, Ok(()));
-                        reply.send(result).await;
-                    }
-                    status => {
-                        let result = finish(&item.transfer, completion.buffer, completion.actual_len, status);
-                        reply.send(result).await;
+                // `None`: the trailing zero-length packet of an OUT transfer;
+                // nobody waits for it, but it counts for the drain below.
+                if let Some(reply) = item.reply {
+                    let collateral = draining && !item.cancel_requested && stop.is_none();
+                    match completion.status {
+                        Err(TransferError::Cancelled) if collateral && completion.actual_len == 0 => {
+                            // Cancelled only because another transfer of this
+                            // endpoint was: nothing moved, so it goes back in.
+                            resubmit.push(InFlight { reply: Some(reply), ..item });
+                        }
+                        Err(TransferError::Cancelled) if collateral => {
+                            // Collateral that had already moved data: report what
+                            // moved, as a short transfer.
+                            let result = finish(&item.transfer, completion.buffer, completion.actual_len, Ok(()));
+                            reply.send(result).await;
+                        }
+                        status => {
+                            let result = finish(&item.transfer, completion.buffer, completion.actual_len, status);
+                            reply.send(result).await;
+                        }
                     }
                 }
                 if draining && endpoint.pending() == 0 {
                     draining = false;
-                    if let Some(done) = stop.take() {
-                        let _ = done.send(());
-                        return;
+                    if stop.is_some() {
+                        return stop;
                     }
                     for item in resubmit.drain(..) {
-                        submit(&mut endpoint, &mut in_flight, item, mps);
+                        submit(endpoint, &mut in_flight, item, mps);
                     }
                 }
             }
             command = commands.recv(), if !draining => match command {
                 None => {
                     endpoint.cancel_all();
-                    return;
+                    return None;
                 }
                 Some(EndpointCommand::Submit(transfer, reply)) => {
-                    submit(&mut endpoint, &mut in_flight, InFlight { reply: Some(reply), transfer, cancel_requested: false }, mps);
+                    submit(endpoint, &mut in_flight, InFlight { reply: Some(reply), transfer, cancel_requested: false }, mps);
                 }
                 Some(EndpointCommand::Cancel(id)) => {
                     if let Some(item) = in_flight.iter_mut().find(|i| i.reply.as_ref().is_some_and(|r| r.id == id)) {
@@ -769,8 +882,7 @@ async fn endpoint_worker<E: BulkOrInterrupt, D: EndpointDirection>(
                 }
                 Some(EndpointCommand::Stop(done)) => {
                     if endpoint.pending() == 0 {
-                        let _ = done.send(());
-                        return;
+                        return Some(done);
                     }
                     for item in &mut in_flight {
                         item.cancel_requested = true;
@@ -826,13 +938,25 @@ fn finish(
     status.map_err(map_transfer_error)?;
     let completion = match transfer.data {
         TransferData::In { length } => {
-            if actual_len > length as usize {
-                return Err(UsbError::Overflow);
+            // The buffer was rounded up to whole packets, so a device may
+            // have filled more than the client asked for. usbip-host submits
+            // exactly `length`, where the device can never deliver more (a
+            // device that tried would babble), and some devices size their
+            // answer by the host's buffer: QEMU's usb-storage pads a data
+            // phase to the whole buffer. Reporting an overflow here made
+            // usb-storage reset the device after every padded reply, so the
+            // client gets the `length` bytes it asked for.
+            let actual = actual_len.min(length as usize);
+            if actual < actual_len {
+                tracing::trace!(
+                    endpoint = transfer.endpoint,
+                    "IN transfer got {actual_len} bytes into a buffer rounded up from {length}; passing on {length}"
+                );
             }
             let mut data = buffer.into_vec();
-            data.truncate(actual_len);
+            data.truncate(actual);
             Completion {
-                actual_length: actual_len as u32,
+                actual_length: actual as u32,
                 data: Bytes::from(data),
             }
         }
@@ -958,6 +1082,36 @@ mod tests {
         std::fs::write(dir.join("descriptors"), &blob[..10]).unwrap();
         assert!(describe_sysfs(&dir, 3, 5, Speed::High).is_err());
         std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn devices_attached_through_vhci_are_not_listed() {
+        assert!(on_vhci(Path::new(
+            "/sys/devices/platform/vhci_hcd.0/usb4/4-1"
+        )));
+        assert!(on_vhci(Path::new("/sys/devices/faux/vhci_hcd.3/usb9/9-1")));
+        assert!(!on_vhci(Path::new(
+            "/sys/devices/pci0000:00/0000:00:02.0/usb2/2-1"
+        )));
+    }
+
+    #[test]
+    fn rounded_up_in_buffers_pass_on_only_the_requested_length() {
+        let transfer = Transfer {
+            handle: 1,
+            endpoint: 0x81,
+            setup: None,
+            data: TransferData::In { length: 512 },
+            flags: Default::default(),
+            timeout_ms: None,
+        };
+        let filled = Buffer::from(vec![7u8; 1024]);
+        let done = finish(&transfer, filled, 1024, Ok(())).unwrap();
+        assert_eq!(done.actual_length, 512);
+        assert_eq!(done.data.len(), 512);
+        let short = Buffer::from(vec![7u8; 1024]);
+        let done = finish(&transfer, short, 13, Ok(())).unwrap();
+        assert_eq!((done.actual_length, done.data.len()), (13, 13));
     }
 
     #[test]

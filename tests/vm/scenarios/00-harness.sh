@@ -4,7 +4,7 @@
 # and every control-channel command does what it says (serial bytes reach QEMU's
 # chardev file, sendkey produces key events, unplug/plug really remove/add devices).
 set -euo pipefail
-# shellcheck source=tests/vm/scenarios/lib.sh source-path=SCRIPTDIR
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 # --- devices and drivers ---

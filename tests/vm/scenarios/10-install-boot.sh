@@ -6,7 +6,7 @@
 # users with no capabilities, udev's group on the USB device nodes, the three emulated
 # devices listed by the agent and offered to an approved client.
 set -euo pipefail
-# shellcheck source=tests/vm/scenarios/lib.sh source-path=SCRIPTDIR
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 p2p_traps
 [ "$VM_HAVE_BINARIES" = 1 ] || skip "no p2p-usb binaries in the payload"
@@ -23,7 +23,7 @@ for f in /usr/local/bin/p2p-usb-helper /usr/local/bin/p2p-usb-agent /usr/local/b
   [ -e "$f" ] || fail "install did not create $f"
 done
 for u in p2p-usb-helper p2p-usb; do id "$u" >/dev/null || fail "user $u missing after install"; done
-id -nG p2p-usb-helper | grep -qw usb-proxy || fail "p2p-usb-helper is not in usb-proxy: $(id p2p-usb-helper)"
+id -nG p2p-usb-helper | has -w usb-proxy || fail "p2p-usb-helper is not in usb-proxy: $(id p2p-usb-helper)"
 for g in usb-proxy p2p-usb-admin p2p-usb-attach; do getent group "$g" >/dev/null || fail "group $g missing"; done
 [ "$(stat -c '%U:%G %a' /run/p2p-usb)" = "root:p2p-usb 750" ] || fail "/run/p2p-usb is $(stat -c '%U:%G %a' /run/p2p-usb)"
 # Nothing is enabled or started by the install.
@@ -54,7 +54,7 @@ log "client $P2P_USER has id $client_id"
 p2p_configure_server "$client_id"
 
 # --- enable and start the pair ---
-journal_mark /run/vmtest-10.cursor
+journal_mark /run/vmtest-10.since
 t0=$(date +%s%N)
 systemctl enable --now p2p-usb-server.target
 p2p_wait_ready 60
@@ -76,7 +76,7 @@ helper_start=$(unit_prop p2p-usb-helper.service ExecMainStartTimestampMonotonic)
 [ "$helper_start" -gt "$agent_start" ] ||
   fail "helper started at ${helper_start}us, not after the agent (${agent_start}us): not socket-activated by it"
 log "helper socket-activated $(( (helper_start - agent_start) / 1000 )) ms after the agent started"
-journal_since /run/vmtest-10.cursor -u p2p-usb-helper.socket -u p2p-usb-helper.service -u p2p-usb-agent.service | tail -n 40 | indent "journal"
+journal_since /run/vmtest-10.since -u p2p-usb-helper.socket -u p2p-usb-helper.service -u p2p-usb-agent.service | tail -n 40 | indent "journal"
 
 # READY (Type=notify: active means READY=1 arrived) and STATUS for both.
 for u in p2p-usb-helper.service p2p-usb-agent.service; do
@@ -87,9 +87,9 @@ for u in p2p-usb-helper.service p2p-usb-agent.service; do
     fail "systemctl status $u does not show its status '$st'"
   log "$u: READY, Status: \"$st\""
 done
-unit_prop p2p-usb-agent.service StatusText | grep -q "NodeId $(server_id)" ||
+unit_prop p2p-usb-agent.service StatusText | has "NodeId $(server_id)" ||
   fail "agent status does not name its NodeId: $(unit_prop p2p-usb-agent.service StatusText)"
-agent_shares_3() { unit_prop p2p-usb-agent.service StatusText | grep -q "3 devices shared"; }
+agent_shares_3() { unit_prop p2p-usb-agent.service StatusText | has "3 devices shared"; }
 wait_for 15 "agent status showing 3 shared devices (now: $(unit_prop p2p-usb-agent.service StatusText))" agent_shares_3
 [ "$(unit_prop p2p-usb-helper.service WatchdogUSec)" != 0 ] || fail "helper has no watchdog"
 [ "$(unit_prop p2p-usb-agent.service WatchdogUSec)" != 0 ] || fail "agent has no watchdog"
@@ -133,12 +133,12 @@ p2p_pin_server
 listed=$(as_tester p2p-usb list "$P2P_SERVER") || fail "p2p-usb list as $P2P_USER failed: $listed"
 indent "client list" <<<"$listed"
 for vp in "$VM_STICK_VIDPID" "$VM_KBD_VIDPID" "$VM_SERIAL_VIDPID"; do
-  echo "$listed" | grep -qw "$vp" || fail "the client does not see $vp"
+  echo "$listed" | has -w "$vp" || fail "the client does not see $vp"
 done
 # A ticket works as the server address too.
 ticket=$(p2p-usb-agent id --ticket)
 [[ $ticket == endpoint* ]] || fail "ticket '$ticket'"
-as_tester p2p-usb list "$ticket" | grep -qw "$VM_STICK_VIDPID" || fail "listing by ticket failed"
+as_tester p2p-usb list "$ticket" | has -w "$VM_STICK_VIDPID" || fail "listing by ticket failed"
 unit_prop p2p-usb-agent.service StatusText | indent "agent status now"
 touch "$P2P_SETUP_DONE"
 log "installed, enabled and serving"

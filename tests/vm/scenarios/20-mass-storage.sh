@@ -6,7 +6,7 @@
 # and compared with the host's image; a scratch region is written through the stack
 # and read back from the real device after detach; the stick returns to usb-storage.
 set -euo pipefail
-# shellcheck source=tests/vm/scenarios/lib.sh source-path=SCRIPTDIR
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 p2p_traps
 p2p_setup
@@ -42,9 +42,9 @@ show_attach stick
 # The helper took the stick away from the local usb-storage driver.
 not usb_blockdev "$stick" || fail "$native still there while the stick is attached remotely"
 p2p-usb status | indent "status"
-as_tester p2p-usb status | grep -q "$port" || fail "p2p-usb status does not show port $port"
+as_tester p2p-usb status | has "$port" || fail "p2p-usb status does not show port $port"
 p2p-usb-agent clients | indent "clients"
-p2p-usb-agent clients | grep -q "$(p2p_client_id)" || fail "agent does not list the client as connected"
+p2p-usb-agent clients | has "$(p2p_client_id)" || fail "agent does not list the client as connected"
 
 # --- every byte through the stack ---
 a=$(date +%s%N)
@@ -56,6 +56,15 @@ metric p2p_usb_sha256_read_mib_s "$(_mib_s "$VM_STICK_SIZE" "$a" "$b")" MiB/s
 orig=$(mktemp) data=$(mktemp)
 on_exit rm -f "$orig" "$data"
 dd if="$vdev" of="$orig" bs=1M skip=$SCRATCH_MIB count=1 iflag=direct status=none
+# Whatever happens below, the stick gets its original bytes back (later scenarios
+# compare it with the host's image).
+restore_scratch() {
+  p2p_attach_kill stick
+  local dev
+  dev=$(stick_home) || { echo "cleanup: cannot restore the scratch region: no local block device" >&2; return; }
+  dd if="$orig" of="$dev" bs=1M seek=$SCRATCH_MIB count=1 oflag=direct conv=fsync,notrunc status=none
+}
+on_exit restore_scratch
 head -c 1048576 /dev/urandom >"$data"
 dd if="$data" of="$vdev" bs=1M seek=$SCRATCH_MIB count=1 oflag=direct conv=fsync,notrunc status=none
 want=$(sha256sum <"$data" | cut -d' ' -f1)
@@ -71,7 +80,7 @@ grep -q "^detached " "$(attach_log stick)" || fail "p2p-usb attach did not repor
 rc=0
 wait "$(attach_pid stick)" 2>/dev/null || rc=$?
 log "p2p-usb attach exited (status ${rc})"
-if p2p-usb status | grep -q "^$port "; then fail "port $port still shown after detach"; fi
+if p2p-usb status | has "^$port "; then fail "port $port still shown after detach"; fi
 
 # --- the stick is back on usb-storage, with what was written through the stack ---
 wait_for 30 "$stick bound to usb again" bound_to "$stick" usb

@@ -5,12 +5,12 @@
 # on the host) and the usb-kbd (its interrupt IN endpoint stays polled through the
 # stack; keys injected into QEMU arrive as input events on the attached copy).
 set -euo pipefail
-# shellcheck source=tests/vm/scenarios/lib.sh source-path=SCRIPTDIR
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 p2p_traps
 p2p_setup
 dmesg_mark /run/vmtest-30.dmesg
-journal_mark /run/vmtest-30.cursor
+journal_mark /run/vmtest-30.since
 
 # --- usb-serial ---
 serial=$(wait_for 30 "usb-serial $VM_SERIAL_VIDPID" usb_busid "$VM_SERIAL_VIDPID")
@@ -24,7 +24,7 @@ vmctl clear-serial
 stty -F "$vtty" raw -echo 115200
 msg="p2p-usb through the stack $RANDOM$RANDOM"
 printf '%s\n' "$msg" >"$vtty"
-serial_has() { vmctl read-serial | grep -qF "$1"; }
+serial_has() { vmctl read-serial | has -F "$1"; }
 wait_for 20 "'$msg' in QEMU's serial chardev" serial_has "$msg"
 # A bigger burst: 64 KiB in one go, compared byte for byte.
 vmctl clear-serial
@@ -50,8 +50,14 @@ vevent=$(wait_for 30 "input event device of vhci $vkbd (usbhid)" usb_event "$vkb
 log "keyboard $kbd attached as $vkbd, $vevent"
 not usb_event "$kbd" || fail "the local event device of $kbd still exists while attached remotely"
 
+# 70-p2p-usb-vhci.rules keeps attached devices from autosuspending (remote wakeup
+# cannot cross USB/IP; a suspended keyboard would never send a key again).
+pc=$(cat "/sys/bus/usb/devices/$vkbd/power/control")
+[ "$pc" = on ] || fail "attached keyboard has power/control=$pc, expected on (70-p2p-usb-vhci.rules)"
 # Idle for a while: the interrupt IN URBs stay pending; nothing may fail or time out.
 sleep 5
+rs=$(cat "/sys/bus/usb/devices/$vkbd/power/runtime_status")
+[ "$rs" = active ] || fail "attached keyboard is $rs after 5 s idle"
 attach_running kbd || { show_attach kbd; fail "p2p-usb attach of the keyboard exited while idle"; }
 
 # KEY_A = 30, KEY_B = 48, KEY_ENTER = 28 (type EV_KEY = 1); 24-byte input_event.
@@ -84,7 +90,7 @@ dmesg_since /run/vmtest-30.dmesg | indent "dmesg"
 if dmesg_since /run/vmtest-30.dmesg | grep -E 'vhci_hcd.*(unknown pdu|cannot find urb)|usbhid.*(error|failed)|ftdi_sio.*(error|failed)' >/dev/null; then
   fail "kernel errors for the attached devices"
 fi
-errs=$(journal_since /run/vmtest-30.cursor -u p2p-usb-helper.service -u p2p-usb-agent.service -p warning || true)
+errs=$(journal_since /run/vmtest-30.since -u p2p-usb-helper.service -u p2p-usb-agent.service -p warning || true)
 if [ -n "$errs" ]; then
   indent "journal" <<<"$errs"
   fail "helper or agent logged warnings or errors during serial/keyboard use"

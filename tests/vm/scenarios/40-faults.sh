@@ -10,7 +10,7 @@
 #     stick is back on its local kernel driver.
 # The harness fails the run on any Oops/BUG/hung task in dmesg.
 set -euo pipefail
-# shellcheck source=tests/vm/scenarios/lib.sh source-path=SCRIPTDIR
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 p2p_traps
 p2p_setup
@@ -92,7 +92,7 @@ p2p_wait_ready 60
 apid=$(main_pid p2p-usb-agent.service)
 sleep 15
 [ "$(main_pid p2p-usb-agent.service)" = "$apid" ] || fail "B: healthy agent was restarted (pings missing?)"
-journal_mark /run/vmtest-40.cursor
+journal_mark /run/vmtest-40.since
 nr0=$(unit_prop p2p-usb-agent.service NRestarts)
 kill -STOP "$apid"
 t0=$(date +%s%N)
@@ -101,11 +101,11 @@ wait_for 60 "B: agent restarted" sh -c "[ \"\$(systemctl show -p NRestarts --val
 t1=$(date +%s%N)
 p2p_wait_ready 60
 [ "$(main_pid p2p-usb-agent.service)" != "$apid" ] || fail "B: agent pid unchanged"
-journal_since /run/vmtest-40.cursor -u p2p-usb-agent.service | indent "journal" | head -n 20
-journal_since /run/vmtest-40.cursor -u p2p-usb-agent.service | grep -q "Watchdog timeout" ||
+journal_since /run/vmtest-40.since -u p2p-usb-agent.service | indent "journal" | head -n 20
+journal_since /run/vmtest-40.since -u p2p-usb-agent.service | has "Watchdog timeout" ||
   fail "B: restart was not caused by the watchdog"
 metric fault_agent_watchdog_restart_s "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')" s
-as_tester p2p-usb list "$P2P_SERVER" | grep -qw "$VM_STICK_VIDPID" || fail "B: restarted agent does not serve the client"
+as_tester p2p-usb list "$P2P_SERVER" | has -w "$VM_STICK_VIDPID" || fail "B: restarted agent does not serve the client"
 log "B: watchdog restarted the hung agent; it serves again"
 rm -f "$dropin"
 systemctl daemon-reload
@@ -119,7 +119,7 @@ vdev=$VDEV
 start_reader "$vdev" 20
 sleep 1.5
 reader_done && fail "C: the reader finished before the unplug; nothing was tested"
-on_exit 'vmctl devices | grep -qx stick || vmctl plug stick'
+on_exit 'vmctl devices | has -x stick || vmctl plug stick'
 vmctl unplug stick
 log "C: unplugged"
 wait_for 60 "C: reader to end" reader_done

@@ -2,11 +2,12 @@
 # vm-timeout: 600
 # Read throughput of the usb-storage stick through the whole p2p-usb stack (helper,
 # agent, iroh on loopback, p2p-usb attach, vhci_hcd) next to the kernel's own USB/IP
-# (usbip-host + usbipd + vhci_hcd) in the same boot, same offsets, same sizes. Rounds
+# (usbip-host + usbipd + vhci_hcd) in the same boot, same offsets, same sizes; and
+# through `p2p-usb serve-usbip` with the kernel's `usbip attach` as the client. Rounds
 # alternate between the two so load swings of the host hit both alike. Figures only:
 # no threshold fails this scenario (the goal is >= 0.8x the kernel).
 set -euo pipefail
-# shellcheck source=tests/vm/scenarios/lib.sh source-path=SCRIPTDIR
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 p2p_traps
 p2p_setup
@@ -49,11 +50,38 @@ p2p_round() {
   wait_for 30 "$stick back on usb-storage" usb_blockdev "$stick" >/dev/null
 }
 
+# The other way in: `p2p-usb serve-usbip` (standard USB/IP on loopback, for `usbip
+# attach` and usbip-win2) with the kernel's own USB/IP client. Reads only.
+GATEWAY_PORT=3241
+gw_samples=()
+gateway_round() {
+  local log=$VM_OUT/serve-usbip.log pid port v dev o
+  kusbip_setup # vhci_hcd, /run/vhci_hcd
+  (exec setpriv --reuid="$P2P_USER" --regid="$P2P_USER" --init-groups -- \
+    env HOME="$(user_home "$P2P_USER")" p2p-usb serve-usbip "$P2P_SERVER" --listen "127.0.0.1:$GATEWAY_PORT") >>"$log" 2>&1 </dev/null &
+  pid=$!
+  on_exit "kill $pid 2>/dev/null || true"
+  wait_for 30 "serve-usbip listening on $GATEWAY_PORT" sh -c "ss -Htln 'sport = :$GATEWAY_PORT' | grep -q ." >/dev/null
+  usbip --tcp-port "$GATEWAY_PORT" list -r 127.0.0.1 | has "$VM_STICK_VIDPID\|46f4" || { indent serve-usbip <"$log"; fail "usbip list through the gateway does not show the stick"; }
+  usbip --tcp-port "$GATEWAY_PORT" attach -r 127.0.0.1 -b "$stick" >/dev/null || { indent serve-usbip <"$log"; fail "usbip attach through the gateway failed"; }
+  port=$(wait_for 20 "vhci port of the gateway attach" kusbip_port "$stick")
+  v=$(wait_vhci "$VM_STICK_VIDPID" 60)
+  dev=$(wait_for 60 "block device of $v" usb_blockdev "$v")
+  for o in "${OFFSETS[@]}"; do gw_samples+=("$(read_mib_s "$dev" $MIB "$o")"); done
+  kusbip_detach "$port"
+  wait_no_vhci "$VM_STICK_VIDPID" 30
+  kill "$pid"
+  wait_for 20 "serve-usbip to exit" not kill -0 "$pid"
+  wait_for 30 "$stick back on usb-storage" usb_blockdev "$stick" >/dev/null
+}
+
 for r in $(seq $ROUNDS); do
   log "round $r: kernel USB/IP"
   kernel_round
-  log "round $r: p2p-usb"
+  log "round $r: p2p-usb attach"
   p2p_round
+  log "round $r: p2p-usb serve-usbip + usbip attach"
+  gateway_round
 done
 kusbip_cleanup
 
@@ -67,12 +95,16 @@ k=$(median "${k_samples[@]}")
 p=$(median "${p2p_samples[@]}")
 kb=$(median "${k_buf_samples[@]}")
 pb=$(median "${p2p_buf_samples[@]}")
+g=$(median "${gw_samples[@]}")
+log "serve-usbip O_DIRECT read samples (MiB/s): ${gw_samples[*]}"
 kw=$(median "${k_w[@]}")
 pw=$(median "${p2p_w[@]}")
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0) ? a / b : 0 }'; }
 metric bench_kernel_usbip_read_mib_s "$k" MiB/s
 metric bench_p2p_usb_read_mib_s "$p" MiB/s
 metric bench_p2p_vs_kernel_read_ratio "$(ratio "$p" "$k")" x
+metric bench_p2p_gateway_read_mib_s "$g" MiB/s
+metric bench_p2p_gateway_vs_kernel_read_ratio "$(ratio "$g" "$k")" x
 metric bench_kernel_usbip_buffered_read_mib_s "$kb" MiB/s
 metric bench_p2p_usb_buffered_read_mib_s "$pb" MiB/s
 metric bench_p2p_vs_kernel_buffered_read_ratio "$(ratio "$pb" "$kb")" x

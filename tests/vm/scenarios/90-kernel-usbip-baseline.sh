@@ -6,7 +6,7 @@
 # checks the stick is back on usb-storage. The project's stack is compared to these
 # METRIC figures, measured in the same boot.
 set -euo pipefail
-# shellcheck source=tests/vm/scenarios/lib.sh source-path=SCRIPTDIR
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 trap kusbip_cleanup EXIT

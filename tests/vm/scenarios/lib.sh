@@ -6,7 +6,8 @@ set -euo pipefail
 
 # --- reporting -------------------------------------------------------------------------
 log() { printf '%s %s\n' "$(date +%T.%3N)" "$*"; }
-fail() { echo "FAIL: $*"; exit 1; }
+# stderr: a failure inside $(...) or with stdout redirected must still reach the log.
+fail() { echo "FAIL: $*" >&2; exit 1; }
 skip() { echo "SKIP: $*"; exit 77; }
 # metric NAME VALUE UNIT -> a "METRIC" line the runner copies into the results.
 metric() { echo "METRIC $1 $2 $3"; }
@@ -26,6 +27,11 @@ wait_for() {
     sleep 0.2
   done
 }
+
+# CMD | has [GREP ARGS] PATTERN: like `grep -q`, but reads all its input. grep -q exits
+# at the first match, and the writer then dies of SIGPIPE (a Rust CLI panics on
+# "Broken pipe"), which pipefail turns into a failed check.
+has() { grep "$@" >/dev/null; }
 
 # not CMD...: succeeds when CMD fails (for wait_for).
 not() { ! "$@" >/dev/null 2>&1; }
@@ -243,7 +249,7 @@ _p2p_exit() {
   for c in "${_P2P_ON_EXIT[@]}"; do eval "$c"; done
   if [ "$rc" != 0 ] && [ "$_P2P_FAILING" = 0 ] && [ "$_P2P_SKIPPING" = 0 ]; then
     # set -e ended the scenario: say which command, so the log is never silent.
-    echo "FAIL: exit $rc from: ${_P2P_ERR:-unknown command}"
+    echo "FAIL: exit $rc from: ${_P2P_ERR:-unknown command}" >&2
     exit 1
   fi
   exit "$rc"
@@ -255,7 +261,7 @@ p2p_traps() {
   trap '_P2P_ERR="line $LINENO: $BASH_COMMAND"' ERR
   trap _p2p_exit EXIT
   skip() { _P2P_SKIPPING=1; echo "SKIP: $*"; exit 77; }
-  fail() { _P2P_FAILING=1; echo "FAIL: $*"; exit 1; }
+  fail() { _P2P_FAILING=1; echo "FAIL: $*" >&2; exit 1; }
 }
 
 user_home() { getent passwd "$1" | cut -d: -f6; }
@@ -282,13 +288,15 @@ unit_active() { [ "$(unit_prop "$1" ActiveState)" = active ]; }
 # proc_field PID FIELD: a line's value from /proc/PID/status (e.g. CapEff, Uid).
 proc_field() { awk -v f="$2:" '$1 == f { $1 = ""; sub(/^ /, ""); print; exit }' "/proc/$1/status"; }
 
-# journal_since CURSOR_FILE [journalctl args]: journal lines after a saved cursor.
-journal_mark() { journalctl -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p' >"$1" || true; }
+# journal_mark FILE / journal_since FILE [journalctl args]: journal entries from the time
+# of the mark on. By time, not by cursor: journalctl 252 with --after-cursor plus a
+# match (-u, -p) returned nothing for entries that were plainly there.
+journal_mark() { date +%s.%6N >"$1"; }
 journal_since() {
   local f=$1
   shift
   if [ -s "$f" ]; then
-    journalctl --no-pager -q --after-cursor="$(cat "$f")" "$@"
+    journalctl --no-pager -q --since "@$(cat "$f")" "$@"
   else
     journalctl --no-pager -q -b "$@"
   fi
@@ -482,3 +490,16 @@ dmesg_since() { dmesg | tail -n +"$(( $(cat "$1") + 1 ))"; }
 
 # indent LABEL: stdin indented and labelled, for context in scenario logs.
 indent() { sed "s/^/    $1: /"; }
+
+# stick_home: make sure the stick's interface is on usb-storage again (cleanup after a
+# failed scenario left it without a driver); prints the local block device.
+stick_home() {
+  local b i
+  b=$(usb_busid "$VM_STICK_VIDPID") || return 1
+  for i in /sys/bus/usb/devices/"$b":*; do
+    if [ -e "$i" ] && [ ! -e "$i/driver" ]; then
+      echo "${i##*/}" >/sys/bus/usb/drivers/usb-storage/bind 2>/dev/null || true
+    fi
+  done
+  wait_for 30 "block device of $b" usb_blockdev "$b"
+}
