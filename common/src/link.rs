@@ -373,6 +373,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
     use crate::proto::Completion;
+    use crate::proto::DeviceKey;
     use bytes::Bytes;
 
     /// A tiny server that answers every request with its id as data, in
@@ -446,8 +447,9 @@ mod tests {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         tokio::spawn(async move {
             let mut writer = FramedWrite::new(b, MessageCodec::default());
+            let key: DeviceKey = "1-1/0525:a4a0".parse().unwrap();
             writer
-                .send(Message::Event(Event::ShuttingDown { reason: "x".into() }))
+                .send(Message::Event(Event::DeviceLeft { key }))
                 .await
                 .unwrap();
             std::future::pending::<()>().await;
@@ -455,5 +457,25 @@ mod tests {
         let (r, w) = a.into_split();
         let err = LinkClient::start(r, w, "c").await.unwrap_err();
         assert!(matches!(err, LinkError::NotHello), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_instead_of_hello_carries_the_reason() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let mut writer = FramedWrite::new(b, MessageCodec::default());
+            let reason = "peer not approved".to_string();
+            writer
+                .send(Message::Event(Event::ShuttingDown { reason }))
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+        let (r, w) = a.into_split();
+        let err = LinkClient::start(r, w, "c").await.unwrap_err();
+        assert!(
+            matches!(&err, LinkError::Refused(reason) if reason == "peer not approved"),
+            "{err}"
+        );
     }
 }
