@@ -127,9 +127,13 @@ file() { install -m "$1" "${OWNER[@]}" "$2" "$DESTDIR$3"; }
 say "Installing p2p-usb (roles:$([ "$ROLE_SERVER" -eq 1 ] && echo ' server')$([ "$ROLE_CLIENT" -eq 1 ] && echo ' client')) into ${DESTDIR:-/} with prefix $PREFIX"
 
 # --- binaries -------------------------------------------------------------
+# The release profile keeps debug info for profiling; installed copies are
+# stripped (about 7 times smaller), as a distribution would ship them.
+STRIP=()
+if command -v strip >/dev/null; then STRIP=(-s); fi
 dir 0755 "$BINDIR"
 for b in "${BINS[@]}"; do
-    file 0755 "$BIN_DIR/$b" "$BINDIR/$b"
+    install -m 0755 "${STRIP[@]}" "${OWNER[@]}" "$BIN_DIR/$b" "$DESTDIR$BINDIR/$b"
     say "  binary    $BINDIR/$b"
 done
 

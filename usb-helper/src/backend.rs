@@ -77,6 +77,16 @@ impl Backend {
         }
     }
 
+    /// Re-attaches kernel drivers to interfaces of `wanted` devices that have
+    /// none, as an earlier helper killed mid-session leaves them. Simulated
+    /// devices have no kernel drivers.
+    pub async fn hand_back_driverless(&self, wanted: impl Fn(&DeviceInfo) -> bool) {
+        match self {
+            Backend::Sim(_) => {}
+            Backend::Usbfs(b) => b.hand_back_driverless(wanted).await,
+        }
+    }
+
     /// True if the backend's USB machinery answers within [`HEALTH_TIMEOUT`].
     pub async fn healthy(&self) -> bool {
         match self {

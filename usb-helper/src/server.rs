@@ -103,6 +103,11 @@ impl Helper {
         let mut last_status = String::new();
         let mut next_connection = 1u64;
         tokio::pin!(stop);
+        // No connection holds a device yet: any shared device without its
+        // kernel drivers was left so by an earlier helper that died.
+        self.backend
+            .hand_back_driverless(|device| self.visible(device))
+            .await;
         service::notify_ready(&self.status_line());
         tracing::info!(
             backend = self.backend.name(),

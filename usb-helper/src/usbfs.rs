@@ -111,6 +111,50 @@ impl UsbfsBackend {
         UsbfsDevice::start(device, found.info).await
     }
 
+    /// Gives interfaces without a driver back to the kernel, for the devices
+    /// `wanted` picks. A helper that was killed while a client used a device
+    /// leaves it without its local drivers: the kernel drops the claims with
+    /// the process but does not probe the interfaces again, so a stick would
+    /// have no block device until someone rebound it by hand.
+    pub async fn hand_back_driverless(&self, wanted: impl Fn(&DeviceInfo) -> bool) {
+        let candidates: Vec<(Found, Vec<(u8, String)>)> = self
+            .found
+            .lock()
+            .expect("found lock")
+            .iter()
+            .filter(|f| wanted(&f.info))
+            .map(|f| (f.clone(), driverless_interfaces(&f.info)))
+            .filter(|(_, driverless)| !driverless.is_empty())
+            .collect();
+        for (found, driverless) in candidates {
+            let device = match found.nusb.open().await {
+                Ok(device) => device,
+                Err(e) => {
+                    tracing::debug!(device = %found.info.key, "cannot open to hand back drivers: {e}");
+                    continue;
+                }
+            };
+            for (number, name) in driverless {
+                let handle = device.clone();
+                let attached =
+                    tokio::task::spawn_blocking(move || handle.attach_kernel_driver(number)).await;
+                match (attached, interface_driver(&name)) {
+                    (Ok(Ok(())), Some(driver)) => tracing::info!(
+                        device = %found.info.key,
+                        "interface {name} had no driver (left so by an earlier helper?); handed back to {driver}"
+                    ),
+                    (Ok(Ok(())), None) => {
+                        tracing::debug!("interface {name}: no kernel driver matches it")
+                    }
+                    (Ok(Err(e)), _) => {
+                        tracing::debug!("cannot hand interface {name} back to the kernel: {e}")
+                    }
+                    (Err(_), _) => {}
+                }
+            }
+        }
+    }
+
     /// True if the bus can still be listed within [`HEALTH_TIMEOUT`].
     pub async fn healthy(&self) -> bool {
         let listing = tokio::task::spawn_blocking(|| nusb::list_devices().wait().is_ok());
@@ -305,6 +349,26 @@ fn describe_sysfs(dir: &Path, bus: u8, address: u8, speed: Speed) -> Result<Devi
         product: None,
         serial: None,
     })
+}
+
+/// Interfaces of the active configuration (number and sysfs name, e.g.
+/// `2-1:1.0`) that no driver is bound to.
+fn driverless_interfaces(info: &DeviceInfo) -> Vec<(u8, String)> {
+    let Some(config) = info.active_config() else {
+        return Vec::new();
+    };
+    config
+        .interfaces
+        .iter()
+        .map(|i| i.number)
+        .map(|n| {
+            (
+                n,
+                format!("{}:{}.{n}", info.key.bus_path, info.active_configuration),
+            )
+        })
+        .filter(|(_, name)| interface_driver(name).is_none())
+        .collect()
 }
 
 /// The name of the driver bound to interface `name` (e.g. `2-1:1.0`), from sysfs.

@@ -8,6 +8,8 @@
 #     cleanly, and attaches again when the stick is plugged back.
 #  D. `systemctl stop p2p-usb-server.target` while attached: done within 10 s, and the
 #     stick is back on its local kernel driver.
+#  E. kill -9 of the helper while a (frozen) client holds the stick: the restarted helper
+#     hands the driverless interfaces back, so the stick is a local disk again.
 # The harness fails the run on any Oops/BUG/hung task in dmesg.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -158,6 +160,31 @@ show_attach C
 p2p_detach C 30
 systemctl start p2p-usb-server.target
 p2p_wait_ready 60
+expect_stick_sha256 "$(usb_blockdev "$stick")"
+
+# === E. a killed helper does not leave the stick without its local driver ===============
+# The client is frozen so it cannot open the stick again: only the restarted helper can
+# hand the interfaces back to usb-storage.
+log "E: kill -9 of the helper while the stick is attached and the client is frozen"
+attach_stick E
+udevadm settle --timeout=30 || true
+kill -STOP "$(attach_pid E)"
+hpid=$(main_pid p2p-usb-helper.service)
+nr0=$(unit_prop p2p-usb-helper.service NRestarts)
+journal_mark /run/vmtest-40.e.journal
+kill -KILL "$hpid"
+wait_for 60 "E: helper restarted by systemd" sh -c "[ \"\$(systemctl show -p NRestarts --value p2p-usb-helper.service)\" -gt $nr0 ]"
+p2p_wait_ready 60
+handback_logged() { journal_since /run/vmtest-40.e.journal -u p2p-usb-helper.service | has "handed back to usb-storage"; }
+wait_for 30 "E: the restarted helper to hand the stick back to usb-storage" usb_blockdev "$stick" >/dev/null
+wait_for 10 "E: the hand-back in the helper's journal" handback_logged
+journal_since /run/vmtest-40.e.journal -u p2p-usb-helper.service | grep "handed back" | indent "journal"
+log "E: $stick back on usb-storage as $(usb_blockdev "$stick") after the helper restart"
+kill -CONT "$(attach_pid E)"
+p2p_detach E 60
+wait_no_vhci "$VM_STICK_VIDPID" 60
+wait_for 30 "E: stick on usb-storage at the end" usb_blockdev "$stick" >/dev/null ||
+  fail "E: stick not on usb-storage after the detach"
 expect_stick_sha256 "$(usb_blockdev "$stick")"
 
 dmesg_since /run/vmtest-40.dmesg | indent "dmesg" | tail -n 80
