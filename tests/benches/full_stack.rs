@@ -1,6 +1,7 @@
 //! Full-stack benchmark: USB/IP client -> gateway -> client -> iroh -> agent
 //! -> helper -> simulated Gadget Zero, next to a raw iroh stream echo between
-//! the same kind of endpoints (loopback, relays off), in the same run.
+//! the same kind of endpoints (loopback, relays off), in alternating rounds
+//! of the same run.
 //! Also reports each process's resident memory after the load.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p p2p-usb-tests --bench full_stack`
@@ -8,7 +9,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use iroh::endpoint::presets;
@@ -18,11 +19,14 @@ use p2p_usb_agent::usbip::gateway::{self, Remote};
 use p2p_usb_common::access::AccessList;
 use p2p_usb_common::gadget::zero;
 use p2p_usb_common::proto::std_request;
+use p2p_usb_tests::measure::{ROUNDS, RoundTrips, Throughput, mib_per_s};
 use p2p_usb_tests::server::{Network, ServerUnderTest, start_client};
 use tokio_util::sync::CancellationToken;
 
-const BULK_BYTES: usize = 256 * 1024 * 1024;
-const RTT_ROUNDS: usize = 5000;
+/// Bytes moved per round of a bulk measurement.
+const BULK_BYTES: usize = 64 * 1024 * 1024;
+/// Round trips per round of the latency measurement.
+const RTT_ROUNDS: usize = 1000;
 const ALPN: &[u8] = b"bench/echo";
 
 fn main() {
@@ -56,19 +60,25 @@ fn main() {
         let device = usbip::import(gateway_addr, &busid).await.unwrap();
         let echo = EchoPeer::start().await;
 
-        println!("full stack (USB/IP -> iroh -> agent -> helper -> sim) vs raw iroh stream echo, same run");
-        println!("{:<26} {:>12} {:>12} {:>7}", "bulk loopback", "stack MiB/s", "iroh MiB/s", "ratio");
+        println!(
+            "full stack (USB/IP -> iroh -> agent -> helper -> sim) vs raw iroh stream echo, same run, {ROUNDS} alternating rounds"
+        );
+        println!(
+            "{:<26} {:>11} {:>11} {:>7}   {}",
+            "bulk loopback (medians)", "stack MiB/s", "iroh MiB/s", "ratio", "round ratios"
+        );
+        let (imported, echo) = (&device, &echo);
         for depth in [8usize, 32] {
             for size in [16 * 1024usize, 64 * 1024] {
-                set_config(&device, zero::CONFIG_LOOPBACK).await;
-                let stack = bulk_stack(&device, depth, size).await;
-                let raw = echo.bulk(depth, size).await;
+                set_config(imported, zero::CONFIG_LOOPBACK).await;
+                let result = Throughput::compare(
+                    move || bulk_stack(imported, depth, size),
+                    move || echo.bulk(depth, size),
+                )
+                .await;
                 println!(
-                    "{:<26} {:>12.1} {:>12.1} {:>7.2}",
-                    format!("{depth} x {} KiB in flight", size / 1024),
-                    stack,
-                    raw,
-                    stack / raw
+                    "{}",
+                    result.row(&format!("{depth} x {} KiB in flight", size / 1024))
                 );
             }
         }
@@ -79,14 +89,19 @@ fn main() {
 
         set_config(&device, zero::CONFIG_SOURCE_SINK).await;
         device.close().await;
-        let stack = rtt_stack(gateway_addr, &busid).await;
-        let raw = echo.rtt().await;
-        println!("{:<26} {:>12} {:>12} {:>7}", "64-byte round trip", "stack", "iroh", "ratio");
-        for (name, p) in [("p50", 50), ("p99", 99)] {
-            let (s, r) = (percentile(&stack, p), percentile(&raw, p));
-            println!("{:<26} {:>10.0}us {:>10.0}us {:>7.2}", name, s, r, s / r);
+        let busid = busid.as_str();
+        let result =
+            RoundTrips::compare(move || rtt_stack(gateway_addr, busid), move || echo.rtt()).await;
+        println!(
+            "{:<26} {:>11} {:>11} {:>7}",
+            "64-byte round trip", "stack", "iroh", "ratio"
+        );
+        for row in result.rows() {
+            println!("{row}");
         }
-        println!("peak resident memory: helper {helper_rss} KiB, agent {agent_rss} KiB, client+gateway+bench {client_rss} KiB");
+        println!(
+            "peak resident memory: helper {helper_rss} KiB, agent {agent_rss} KiB, client+gateway+bench {client_rss} KiB"
+        );
         stop.cancel();
     });
 }
@@ -216,7 +231,14 @@ impl EchoPeer {
                         let connection = incoming.accept().unwrap().await.unwrap();
                         while let Ok((mut send, mut recv)) = connection.accept_bi().await {
                             tokio::spawn(async move {
-                                let _ = tokio::io::copy(&mut recv, &mut send).await;
+                                // One read and one write per message, as large
+                                // as the biggest transfer.
+                                let mut buf = vec![0u8; 256 * 1024];
+                                while let Ok(Some(n)) = recv.read(&mut buf).await {
+                                    if send.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
                             });
                         }
                     });
@@ -294,14 +316,4 @@ async fn endpoint(accept: bool) -> Endpoint {
         builder = builder.alpns(vec![ALPN.to_vec()]);
     }
     builder.bind().await.unwrap()
-}
-
-fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64()
-}
-
-fn percentile(samples: &[f64], p: usize) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }

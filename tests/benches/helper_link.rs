@@ -1,6 +1,6 @@
 //! Helper link benchmark: the real helper binary (sim backend, Gadget Zero in
 //! loopback) next to a raw Unix-socket echo of the same sizes, measured in the
-//! same process, one after the other.
+//! same process, in alternating rounds.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p p2p-usb-tests --bench helper_link`
 
@@ -11,13 +11,16 @@ use bytes::Bytes;
 use p2p_usb_common::link::LinkClient;
 use p2p_usb_common::proto::std_request;
 use p2p_usb_helper::sim::zero;
+use p2p_usb_tests::measure::{ROUNDS, RoundTrips, Throughput, mib_per_s};
 use p2p_usb_tests::usb::{self, control, input, out, transfer};
 use p2p_usb_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-const BULK_BYTES: usize = 256 * 1024 * 1024;
-const RTT_ROUNDS: usize = 20_000;
+/// Bytes moved per round of a bulk measurement.
+const BULK_BYTES: usize = 64 * 1024 * 1024;
+/// Round trips per round of the latency measurement.
+const RTT_ROUNDS: usize = 4_000;
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
@@ -41,36 +44,38 @@ fn main() {
         let handle = usb::open(&link, &zero_key).await.unwrap();
         let echo = spawn_echo_server(dir.path()).await;
 
-        println!("helper link vs raw Unix-socket echo (same process, same sizes)");
         println!(
-            "{:<28} {:>12} {:>12} {:>7}",
-            "bulk loopback", "helper MiB/s", "raw MiB/s", "ratio"
+            "helper link vs raw Unix-socket echo (same process, same sizes, {ROUNDS} alternating rounds)"
         );
+        println!(
+            "{:<26} {:>11} {:>11} {:>7}   {}",
+            "bulk loopback (medians)", "helper MiB/s", "raw MiB/s", "ratio", "round ratios"
+        );
+        let (link, echo) = (&link, echo.as_path());
         for depth in [8usize, 32] {
             for size in [16 * 1024usize, 64 * 1024] {
-                set_config(&link, handle, zero::CONFIG_LOOPBACK).await;
-                let helper = bulk_helper(&link, handle, depth, size).await;
-                let raw = bulk_echo(&echo, depth, size).await;
+                set_config(link, handle, zero::CONFIG_LOOPBACK).await;
+                let result = Throughput::compare(
+                    move || bulk_helper(link, handle, depth, size),
+                    move || bulk_echo(echo, depth, size),
+                )
+                .await;
                 println!(
-                    "{:<28} {:>12.1} {:>12.1} {:>7.2}",
-                    format!("{depth} x {} KiB in flight", size / 1024),
-                    helper,
-                    raw,
-                    helper / raw
+                    "{}",
+                    result.row(&format!("{depth} x {} KiB in flight", size / 1024))
                 );
             }
         }
 
-        set_config(&link, handle, zero::CONFIG_SOURCE_SINK).await;
-        let helper = rtt_helper(&link, handle).await;
-        let raw = rtt_echo(&echo).await;
+        set_config(link, handle, zero::CONFIG_SOURCE_SINK).await;
+        let result =
+            RoundTrips::compare(move || rtt_helper(link, handle), move || rtt_echo(echo)).await;
         println!(
-            "{:<28} {:>12} {:>12} {:>7}",
+            "{:<26} {:>11} {:>11} {:>7}",
             "64-byte round trip", "helper", "raw", "ratio"
         );
-        for (name, index) in [("p50", 50), ("p99", 99)] {
-            let (h, r) = (percentile(&helper, index), percentile(&raw, index));
-            println!("{:<28} {:>10.1}us {:>10.1}us {:>7.2}", name, h, r, h / r);
+        for row in result.rows() {
+            println!("{row}");
         }
     });
 }
@@ -154,8 +159,15 @@ async fn spawn_echo_server(dir: &std::path::Path) -> std::path::PathBuf {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 tokio::spawn(async move {
+                    // A buffer as large as the biggest transfer: the echo
+                    // moves each message with one read and one write.
                     let (mut r, mut w) = stream.into_split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while let Ok(n @ 1..) = r.read(&mut buf).await {
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
                 });
             }
         });
@@ -199,14 +211,4 @@ async fn rtt_echo(path: &std::path::Path) -> Vec<f64> {
         samples.push(started.elapsed().as_secs_f64() * 1e6);
     }
     samples
-}
-
-fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64()
-}
-
-fn percentile(samples: &[f64], p: usize) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
