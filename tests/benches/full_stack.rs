@@ -64,8 +64,8 @@ fn main() {
             "full stack (USB/IP -> iroh -> agent -> helper -> sim) vs raw iroh stream echo, same run, {ROUNDS} alternating rounds"
         );
         println!(
-            "{:<26} {:>11} {:>11} {:>7}   {}",
-            "bulk loopback (medians)", "stack MiB/s", "iroh MiB/s", "ratio", "round ratios"
+            "{:<26} {:>11} {:>11} {:>7}   round ratios",
+            "bulk loopback (medians)", "stack MiB/s", "iroh MiB/s", "ratio"
         );
         let (imported, echo) = (&device, &echo);
         for depth in [8usize, 32] {

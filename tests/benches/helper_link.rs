@@ -48,8 +48,8 @@ fn main() {
             "helper link vs raw Unix-socket echo (same process, same sizes, {ROUNDS} alternating rounds)"
         );
         println!(
-            "{:<26} {:>11} {:>11} {:>7}   {}",
-            "bulk loopback (medians)", "helper MiB/s", "raw MiB/s", "ratio", "round ratios"
+            "{:<26} {:>11} {:>11} {:>7}   round ratios",
+            "bulk loopback (medians)", "helper MiB/s", "raw MiB/s", "ratio"
         );
         let (link, echo) = (&link, echo.as_path());
         for depth in [8usize, 32] {
