@@ -15,6 +15,10 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 use crate::proto::{MAX_FRAME_LEN, Message, RequestId};
 
 const LENGTH_PREFIX: usize = 4;
+/// Read buffer of a framed link: room for a burst of large transfers, so
+/// they arrive with a few reads instead of 8 KiB (tokio-util's default) at a
+/// time. Use with `FramedRead::with_capacity`.
+pub const READ_BUFFER_CAPACITY: usize = 256 * 1024;
 
 /// Encodes and decodes [`Message`]s (or, on the agent's control socket, its
 /// own request and reply types) on any byte stream.

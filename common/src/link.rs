@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{CodecError, FrameWriter, MessageCodec};
+use crate::codec::{CodecError, FrameWriter, MessageCodec, READ_BUFFER_CAPACITY};
 use crate::proto::{Event, Hello, Message, Reply, Request, RequestId, UsbError};
 
 /// How long a peer may take to say hello.
@@ -145,7 +145,8 @@ impl LinkClient {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let mut reader = FramedRead::new(reader, MessageCodec::default());
+        let mut reader =
+            FramedRead::with_capacity(reader, MessageCodec::default(), READ_BUFFER_CAPACITY);
         let mut writer = FramedWrite::new(writer, MessageCodec::default());
         let peer = handshake(&mut reader, &mut writer, software).await?;
         let writer: Box<dyn AsyncWrite + Send + Unpin> = Box::new(writer.into_inner());

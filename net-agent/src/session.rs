@@ -16,7 +16,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use iroh::EndpointId;
 use iroh::endpoint::{RecvStream, SendStream};
-use p2p_usb_common::codec::{FrameKind, FrameWriter, decode_frame, encode_body, frame_codec, peek};
+use p2p_usb_common::codec::{
+    FrameKind, FrameWriter, READ_BUFFER_CAPACITY, decode_frame, encode_body, frame_codec, peek,
+};
 use p2p_usb_common::proto::{
     DeviceKey, Event, Handle, Hello, Message, Reply, Request, RequestId, UsbError,
 };
@@ -58,7 +60,7 @@ pub(crate) async fn run(
     recv: RecvStream,
     stop: CancellationToken,
 ) {
-    let mut from_client = FramedRead::new(recv, frame_codec());
+    let mut from_client = FramedRead::with_capacity(recv, frame_codec(), READ_BUFFER_CAPACITY);
     let mut to_client = FrameWriter::new(send);
     if let Err(e) = handshake(&mut from_client, &mut to_client).await {
         tracing::debug!(client = %client, "session handshake failed: {e}");
@@ -176,7 +178,7 @@ async fn open_helper_link(agent: &Agent) -> Result<HelperLink, String> {
         .await
         .map_err(|e| format!("USB helper unavailable at {}: {e}", path.display()))?;
     let (reader, writer) = stream.into_split();
-    let mut reader = FramedRead::new(reader, frame_codec());
+    let mut reader = FramedRead::with_capacity(reader, frame_codec(), READ_BUFFER_CAPACITY);
     let mut writer = FrameWriter::new(writer);
     handshake(&mut reader, &mut writer)
         .await

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use p2p_usb_common::access::{AccessList, PeerCredentials};
-use p2p_usb_common::codec::{FrameWriter, MessageCodec};
+use p2p_usb_common::codec::{FrameWriter, MessageCodec, READ_BUFFER_CAPACITY};
 use p2p_usb_common::config::ShareRule;
 use p2p_usb_common::link::{self, handshake};
 use p2p_usb_common::proto::{
@@ -213,7 +213,8 @@ impl<'a> Connection<'a> {
         shutdown: CancellationToken,
     ) -> String {
         let (reader, writer) = stream.into_split();
-        let mut reader = FramedRead::new(reader, MessageCodec::default());
+        let mut reader =
+            FramedRead::with_capacity(reader, MessageCodec::default(), READ_BUFFER_CAPACITY);
         let mut writer = FramedWrite::new(writer, MessageCodec::default());
         let mut hotplug = helper.backend.subscribe();
         if let Err(e) = handshake(&mut reader, &mut writer, SOFTWARE).await {
