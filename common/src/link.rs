@@ -15,13 +15,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{CodecError, FrameWriter, MessageCodec, READ_BUFFER_CAPACITY};
+use crate::codec::{CodecError, FrameWriter, Malformed, MessageCodec, READ_BUFFER_CAPACITY};
 use crate::proto::{Event, Hello, Message, Reply, Request, RequestId, UsbError};
 
 /// How long a peer may take to say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Messages queued for the writer before senders wait.
 /// Events buffered for a slow consumer before further ones are dropped.
 const EVENT_QUEUE: usize = 256;
 
@@ -56,6 +55,15 @@ where
     let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next())
         .await
         .map_err(|_| LinkError::HelloTimeout(HELLO_TIMEOUT))?;
+    judge_hello(first)
+}
+
+/// Judges a peer's first message: its hello (checked for compatibility), a
+/// refusal that carries the reason, or a protocol error. Shared with the
+/// agent's proxy, which reads raw frames.
+pub fn judge_hello(
+    first: Option<Result<Result<Message, Malformed>, CodecError>>,
+) -> Result<Hello, LinkError> {
     match first {
         Some(Ok(Ok(Message::Hello(hello)))) => {
             hello.check_compatible().map_err(LinkError::Incompatible)?;

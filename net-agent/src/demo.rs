@@ -217,16 +217,11 @@ async fn drive(gateway: SocketAddr, options: DemoOptions) -> Result<String, Demo
             d.busid, d.id_vendor, d.id_product, d.speed, d.num_interfaces
         ));
     }
-    let busid = |vid: u16, pid: u16| {
-        devices
-            .iter()
-            .find(|e| e.device.id_vendor == vid && e.device.id_product == pid)
-            .map(|e| e.device.busid.clone())
-    };
-    let Some(zero_busid) = busid(zero::VID, zero::PID) else {
+    let Some(zero_busid) = usbip_client::busid_of(&devices, zero::VID, zero::PID) else {
         return fail("finding the Gadget Zero", "not exported");
     };
-    let Some(keyboard_busid) = busid(keyboard::VID, keyboard::PID) else {
+    let Some(keyboard_busid) = usbip_client::busid_of(&devices, keyboard::VID, keyboard::PID)
+    else {
         return fail("finding the keyboard", "not exported");
     };
 

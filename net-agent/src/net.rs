@@ -61,7 +61,7 @@ pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider
         .cipher_suites
-        .sort_by_key(|suite| !format!("{:?}", suite.suite()).contains("CHACHA20"));
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
     std::sync::Arc::new(provider)
 }
 

@@ -17,8 +17,10 @@ use futures_util::StreamExt;
 use iroh::EndpointId;
 use iroh::endpoint::{RecvStream, SendStream};
 use p2p_usb_common::codec::{
-    FrameKind, FrameWriter, READ_BUFFER_CAPACITY, decode_frame, encode_body, frame_codec, peek,
+    CodecError, FrameKind, FrameWriter, READ_BUFFER_CAPACITY, decode_frame, encode_body,
+    frame_codec, peek,
 };
+use p2p_usb_common::link::judge_hello;
 use p2p_usb_common::proto::{
     DeviceKey, Event, Handle, Hello, Message, Reply, Request, RequestId, UsbError,
 };
@@ -153,18 +155,12 @@ where
     let first = tokio::time::timeout(p2p_usb_common::link::HELLO_TIMEOUT, reader.next())
         .await
         .map_err(|_| "no hello in time".to_string())?;
-    match first {
-        Some(Ok(frame)) => match decode_frame::<Message>(frame.freeze()) {
-            Ok(Message::Hello(hello)) => {
-                hello.check_compatible().map_err(|e| e.to_string())?;
-                Ok(hello)
-            }
-            Ok(_) => Err("first message was not a hello".into()),
-            Err(e) => Err(e.to_string()),
-        },
-        Some(Err(e)) => Err(e.to_string()),
-        None => Err("closed before hello".into()),
-    }
+    let first = first.map(|frame| {
+        frame
+            .map(|frame| decode_frame::<Message>(frame.freeze()))
+            .map_err(CodecError::from)
+    });
+    judge_hello(first).map_err(|e| e.to_string())
 }
 
 type HelperLink = (

@@ -15,13 +15,9 @@ use bytes::Bytes;
 use iroh::endpoint::presets;
 use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
 use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
-use p2p_usb_agent::usbip::gateway::{self, Remote};
-use p2p_usb_common::access::AccessList;
 use p2p_usb_common::gadget::zero;
-use p2p_usb_common::proto::std_request;
+use p2p_usb_tests::gateway::{GatewayUnderTest, import_raw, set_configuration};
 use p2p_usb_tests::measure::{ROUNDS, RoundTrips, Throughput, mib_per_s};
-use p2p_usb_tests::server::{Network, ServerUnderTest, start_client};
-use tokio_util::sync::CancellationToken;
 
 /// Bytes moved per round of a bulk measurement.
 const BULK_BYTES: usize = 64 * 1024 * 1024;
@@ -36,27 +32,9 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let client = start_client(dir.path(), &Network::Loopback).await;
-        let server = ServerUnderTest::start(
-            &format!("approved_clients = [\"{}\"]", client.id()),
-            "auto_share = true",
-            Network::Loopback,
-        );
-        let ticket = server.ticket().await;
-        let remote = Arc::new(Remote::new(client.clone(), p2p_usb_agent::net::parse_server(&ticket).unwrap()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let gateway_addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        tokio::spawn(gateway::serve(listener, remote, AccessList::default(), stop.clone()));
-        let busid = usbip::devlist(gateway_addr)
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|e| e.device.id_vendor == zero::VID && e.device.id_product == zero::PID)
-            .unwrap()
-            .device
-            .busid;
+        let setup = GatewayUnderTest::start().await;
+        let gateway_addr = setup.gateway;
+        let busid = setup.busid(zero::VID, zero::PID).await;
         let device = usbip::import(gateway_addr, &busid).await.unwrap();
         let echo = EchoPeer::start().await;
 
@@ -70,7 +48,7 @@ fn main() {
         let (imported, echo) = (&device, &echo);
         for depth in [8usize, 32] {
             for size in [16 * 1024usize, 64 * 1024] {
-                set_config(imported, zero::CONFIG_LOOPBACK).await;
+                set_configuration(imported, zero::CONFIG_LOOPBACK).await;
                 let result = Throughput::compare(
                     move || bulk_stack(imported, depth, size),
                     move || echo.bulk(depth, size),
@@ -83,11 +61,11 @@ fn main() {
             }
         }
         let rss = |pid: u32| vm_hwm(&format!("/proc/{pid}/status"));
-        let helper_rss = rss(server.helper.child.id());
-        let agent_rss = rss(server.agent.as_ref().unwrap().child.id());
+        let helper_rss = rss(setup.server.helper.child.id());
+        let agent_rss = rss(setup.server.agent.as_ref().unwrap().child.id());
         let client_rss = vm_hwm("/proc/self/status");
 
-        set_config(&device, zero::CONFIG_SOURCE_SINK).await;
+        set_configuration(&device, zero::CONFIG_SOURCE_SINK).await;
         device.close().await;
         let busid = busid.as_str();
         let result =
@@ -102,7 +80,6 @@ fn main() {
         println!(
             "peak resident memory: helper {helper_rss} KiB, agent {agent_rss} KiB, client+gateway+bench {client_rss} KiB"
         );
-        stop.cancel();
     });
 }
 
@@ -113,20 +90,6 @@ fn vm_hwm(path: &str) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-async fn set_config(device: &Imported, value: u8) {
-    let result = device
-        .control(
-            0x00,
-            std_request::SET_CONFIGURATION,
-            value.into(),
-            0,
-            UrbData::Out(Bytes::new()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(result.status, 0);
 }
 
 async fn bulk_stack(device: &Imported, depth: usize, size: usize) -> f64 {
@@ -169,18 +132,9 @@ async fn check(
 /// One 64-byte IN at a time over a plain USB/IP connection, read in the
 /// measuring task itself, as the iroh baseline reads its echo.
 async fn rtt_stack(gateway: SocketAddr, busid: &str) -> Vec<f64> {
-    use p2p_usb_agent::usbip::proto::{
-        CmdSubmit, OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, USB_DEVICE_LEN, USBIP_DIR_IN, UrbHeader,
-        encode_import_request,
-    };
+    use p2p_usb_agent::usbip::proto::{CmdSubmit, USBIP_DIR_IN, UrbHeader};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let mut request = OpHeader::new(OP_REQ_IMPORT, 0).encode().to_vec();
-    request.extend_from_slice(&encode_import_request(busid).unwrap());
-    stream.write_all(&request).await.unwrap();
-    let mut reply = [0u8; OP_HEADER_LEN + USB_DEVICE_LEN];
-    stream.read_exact(&mut reply).await.unwrap();
+    let mut stream = import_raw(gateway, busid).await;
     let mut samples = Vec::with_capacity(RTT_ROUNDS);
     let mut answer = [0u8; 48 + 64];
     for seqnum in 1..=RTT_ROUNDS as u32 {

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use p2p_usb_common::link::LinkClient;
-use p2p_usb_common::proto::std_request;
 use p2p_usb_helper::sim::zero;
 use p2p_usb_tests::measure::{ROUNDS, RoundTrips, Throughput, mib_per_s};
-use p2p_usb_tests::usb::{self, control, input, out, transfer};
+use p2p_usb_tests::usb::{self, input, out, transfer};
 use p2p_usb_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -54,7 +53,9 @@ fn main() {
         let (link, echo) = (&link, echo.as_path());
         for depth in [8usize, 32] {
             for size in [16 * 1024usize, 64 * 1024] {
-                set_config(link, handle, zero::CONFIG_LOOPBACK).await;
+                usb::set_configuration(link, handle, zero::CONFIG_LOOPBACK)
+                    .await
+                    .unwrap();
                 let result = Throughput::compare(
                     move || bulk_helper(link, handle, depth, size),
                     move || bulk_echo(echo, depth, size),
@@ -67,7 +68,9 @@ fn main() {
             }
         }
 
-        set_config(link, handle, zero::CONFIG_SOURCE_SINK).await;
+        usb::set_configuration(link, handle, zero::CONFIG_SOURCE_SINK)
+            .await
+            .unwrap();
         let result =
             RoundTrips::compare(move || rtt_helper(link, handle), move || rtt_echo(echo)).await;
         println!(
@@ -78,20 +81,6 @@ fn main() {
             println!("{row}");
         }
     });
-}
-
-async fn set_config(link: &LinkClient, handle: u32, value: u8) {
-    control(
-        link,
-        handle,
-        0x00,
-        std_request::SET_CONFIGURATION,
-        value.into(),
-        0,
-        out(Bytes::new()),
-    )
-    .await
-    .unwrap();
 }
 
 /// Keeps `depth` OUT and `depth` IN transfers of `size` in flight through the

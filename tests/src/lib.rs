@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod gateway;
 pub mod measure;
 pub mod server;
 pub mod usb;

@@ -3,10 +3,11 @@
 use std::path::Path;
 
 use bytes::Bytes;
+use p2p_usb_common::gadget::zero;
 use p2p_usb_common::link::LinkClient;
 use p2p_usb_common::proto::{
     Completion, DeviceInfo, DeviceKey, Event, Handle, Reply, Request, RequestId, SetupPacket,
-    Transfer, TransferData, TransferFlags, UsbError,
+    Transfer, TransferData, TransferFlags, UsbError, std_request,
 };
 use tokio::sync::mpsc;
 
@@ -109,6 +110,34 @@ pub async fn control(
         },
     )
     .await
+}
+
+/// A standard SET_CONFIGURATION, sent as the control transfer a host sends
+/// (the helper maps it to the real operation).
+pub async fn set_configuration(
+    link: &LinkClient,
+    handle: Handle,
+    value: u8,
+) -> Result<Completion, UsbError> {
+    control(
+        link,
+        handle,
+        0x00,
+        std_request::SET_CONFIGURATION,
+        value.into(),
+        0,
+        out(Bytes::new()),
+    )
+    .await
+}
+
+/// Opens the Gadget Zero `key` and switches it to its loopback configuration.
+pub async fn open_loopback(link: &LinkClient, key: &DeviceKey) -> Handle {
+    let handle = open(link, key).await.expect("open the Gadget Zero");
+    set_configuration(link, handle, zero::CONFIG_LOOPBACK)
+        .await
+        .expect("SET_CONFIGURATION loopback");
+    handle
 }
 
 /// Bytes to send OUT.

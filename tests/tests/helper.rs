@@ -293,18 +293,7 @@ fn unknown_request(id: u64) -> Vec<u8> {
 /// a real SET_CONFIGURATION control transfer (mapped by the helper).
 async fn open_loopback(link: &p2p_usb_common::link::LinkClient) -> u32 {
     let dev = usb::find(link, ZERO.0, ZERO.1).await;
-    let handle = usb::open(link, &dev.key).await.unwrap();
-    control(
-        link,
-        handle,
-        0x00,
-        std_request::SET_CONFIGURATION,
-        zero::CONFIG_LOOPBACK.into(),
-        0,
-        out(Bytes::new()),
-    )
-    .await
-    .unwrap();
+    let handle = usb::open_loopback(link, &dev.key).await;
     let config = control(
         link,
         handle,

@@ -8,9 +8,9 @@ use p2p_usb_agent::client::{self, ClientError};
 use p2p_usb_agent::control::{ControlReply, ControlRequest};
 use p2p_usb_agent::net;
 use p2p_usb_common::gadget::zero;
-use p2p_usb_common::proto::{Event, Reply, Request, UsbError, std_request};
+use p2p_usb_common::proto::{Event, Reply, Request, UsbError};
 use p2p_usb_tests::server::{Network, ServerUnderTest, start_client};
-use p2p_usb_tests::usb::{self, control, input, out, transfer};
+use p2p_usb_tests::usb::{self, input, out, transfer};
 
 fn approved(id: impl std::fmt::Display) -> String {
     format!("approved_clients = [\"{id}\"]")
@@ -43,18 +43,7 @@ async fn approved_client_uses_devices_over_a_direct_iroh_path() {
         .unwrap()
         .key
         .clone();
-    let handle = usb::open(&session, &zero_key).await.unwrap();
-    control(
-        &session,
-        handle,
-        0,
-        std_request::SET_CONFIGURATION,
-        zero::CONFIG_LOOPBACK.into(),
-        0,
-        out(Bytes::new()),
-    )
-    .await
-    .unwrap();
+    let handle = usb::open_loopback(&session, &zero_key).await;
     let data = Bytes::from((0..5000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
     usb::run(&session, transfer(handle, zero::EP_OUT, out(data.clone())))
         .await
@@ -266,18 +255,7 @@ async fn sessions_survive_an_agent_restart_by_reconnecting() {
     let connection = client.connect(&addr).await.unwrap();
     let (session, _events) = client.session(&connection).await.unwrap();
     let key = client::list_devices(&session).await.unwrap()[0].key.clone();
-    let handle = usb::open(&session, &key).await.unwrap();
-    control(
-        &session,
-        handle,
-        0,
-        std_request::SET_CONFIGURATION,
-        zero::CONFIG_LOOPBACK.into(),
-        0,
-        out(Bytes::new()),
-    )
-    .await
-    .unwrap();
+    let handle = usb::open_loopback(&session, &key).await;
     let (_, pending) = usb::start(&session, transfer(handle, zero::EP_IN, input(512))).await;
 
     server
@@ -565,18 +543,7 @@ async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back
     let connection = client.connect(&addr).await.unwrap();
     let (session, _events) = client.session(&connection).await.unwrap();
     let key = client::list_devices(&session).await.unwrap()[0].key.clone();
-    let handle = usb::open(&session, &key).await.unwrap();
-    control(
-        &session,
-        handle,
-        0,
-        std_request::SET_CONFIGURATION,
-        zero::CONFIG_LOOPBACK.into(),
-        0,
-        out(Bytes::new()),
-    )
-    .await
-    .unwrap();
+    let handle = usb::open_loopback(&session, &key).await;
     let (_, pending) = usb::start(&session, transfer(handle, zero::EP_IN, input(512))).await;
 
     netns.link(false);

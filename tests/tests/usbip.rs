@@ -2,100 +2,26 @@
 //! device list, import, URBs, unlink races, flags, bad input, and the stock
 //! `usbip` tool.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
-use p2p_usb_agent::usbip::gateway::{self, Remote};
+use p2p_usb_agent::usbip::client::{self as usbip, UrbData};
 use p2p_usb_agent::usbip::proto::{
-    CmdSubmit, OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, URB_SHORT_NOT_OK, URB_ZERO_PACKET,
-    USBIP_DIR_IN, UrbHeader, encode_import_request,
+    CmdSubmit, OpHeader, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN, UrbHeader,
 };
-use p2p_usb_common::access::AccessList;
 use p2p_usb_common::gadget::{keyboard, zero};
 use p2p_usb_common::proto::std_request;
-use p2p_usb_tests::server::{Network, ServerUnderTest, start_client};
+use p2p_usb_tests::gateway::{GatewayUnderTest, import_raw, set_configuration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 const ECONNRESET: i32 = -104;
 const EPIPE: i32 = -32;
 const EREMOTEIO: i32 = -121;
 const ENOSYS: i32 = -38;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    _server: ServerUnderTest,
-    gateway: SocketAddr,
-    stop: CancellationToken,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let client = start_client(dir.path(), &Network::Loopback).await;
-    let server = ServerUnderTest::start(
-        &format!("approved_clients = [\"{}\"]", client.id()),
-        "auto_share = true",
-        Network::Loopback,
-    );
-    let remote = Arc::new(Remote::new(
-        client,
-        p2p_usb_agent::net::parse_server(&server.ticket().await).unwrap(),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(gateway::serve(
-        listener,
-        remote,
-        AccessList::default(),
-        stop.clone(),
-    ));
-    Setup {
-        _dir: dir,
-        _server: server,
-        gateway,
-        stop,
-    }
-}
-
-async fn import(setup: &Setup, vid: u16, pid: u16) -> Imported {
-    let list = usbip::devlist(setup.gateway).await.unwrap();
-    let busid = list
-        .iter()
-        .find(|e| e.device.id_vendor == vid && e.device.id_product == pid)
-        .unwrap()
-        .device
-        .busid
-        .clone();
-    usbip::import(setup.gateway, &busid).await.unwrap()
-}
-
-async fn set_config(device: &Imported, value: u8) {
-    let result = device
-        .control(
-            0x00,
-            std_request::SET_CONFIGURATION,
-            value.into(),
-            0,
-            UrbData::Out(Bytes::new()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(result.status, 0);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devlist_describes_the_shared_devices() {
-    let setup = setup().await;
+    let setup = GatewayUnderTest::start().await;
     let list = usbip::devlist(setup.gateway).await.unwrap();
     assert_eq!(list.len(), 2);
     let zero_entry = list
@@ -128,10 +54,10 @@ async fn devlist_describes_the_shared_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imported_device_moves_data_with_many_urbs_in_flight() {
-    let setup = setup().await;
-    let device = import(&setup, zero::VID, zero::PID).await;
+    let setup = GatewayUnderTest::start().await;
+    let device = setup.import(zero::VID, zero::PID).await;
     assert_eq!(device.device.busid, "1-1");
-    set_config(&device, zero::CONFIG_LOOPBACK).await;
+    set_configuration(&device, zero::CONFIG_LOOPBACK).await;
     let mut reads = Vec::new();
     for _ in 0..16 {
         reads.push(
@@ -168,9 +94,9 @@ async fn imported_device_moves_data_with_many_urbs_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unlink_of_a_pending_urb_answers_ret_unlink_and_never_ret_submit() {
-    let setup = setup().await;
-    let device = import(&setup, zero::VID, zero::PID).await;
-    set_config(&device, zero::CONFIG_LOOPBACK).await;
+    let setup = GatewayUnderTest::start().await;
+    let device = setup.import(zero::VID, zero::PID).await;
+    set_configuration(&device, zero::CONFIG_LOOPBACK).await;
     // Nothing to read yet: the IN stays pending until unlinked.
     let (seqnum, pending) = device
         .submit(zero::EP_IN, [0; 8], UrbData::In(512), 0)
@@ -216,9 +142,9 @@ async fn unlink_of_a_pending_urb_answers_ret_unlink_and_never_ret_submit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unlink_racing_completion_gets_exactly_one_answer() {
-    let setup = setup().await;
-    let device = import(&setup, zero::VID, zero::PID).await;
-    set_config(&device, zero::CONFIG_SOURCE_SINK).await;
+    let setup = GatewayUnderTest::start().await;
+    let device = setup.import(zero::VID, zero::PID).await;
+    set_configuration(&device, zero::CONFIG_SOURCE_SINK).await;
     // Source IN completes at once: unlinks race the completions. A RET_SUBMIT
     // may only come if the unlink found nothing to cancel (status 0).
     for _ in 0..50 {
@@ -241,9 +167,9 @@ async fn unlink_racing_completion_gets_exactly_one_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_length_packets_flags_stalls_and_isochronous() {
-    let setup = setup().await;
-    let device = import(&setup, zero::VID, zero::PID).await;
-    set_config(&device, zero::CONFIG_LOOPBACK).await;
+    let setup = GatewayUnderTest::start().await;
+    let device = setup.import(zero::VID, zero::PID).await;
+    set_configuration(&device, zero::CONFIG_LOOPBACK).await;
     let zlp = device
         .transfer(zero::EP_OUT, UrbData::Out(Bytes::new()), URB_ZERO_PACKET)
         .await
@@ -306,15 +232,8 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isochronous_urbs_are_refused_with_their_packets_echoed() {
-    let setup = setup().await;
-    let list = usbip::devlist(setup.gateway).await.unwrap();
-    let busid = list
-        .iter()
-        .find(|e| e.device.id_product == zero::PID)
-        .unwrap()
-        .device
-        .busid
-        .clone();
+    let setup = GatewayUnderTest::start().await;
+    let busid = setup.busid(zero::VID, zero::PID).await;
     let mut stream = import_raw(setup.gateway, &busid).await;
     let mut urb = UrbHeader::Submit(CmdSubmit {
         seqnum: 9,
@@ -367,28 +286,10 @@ async fn isochronous_urbs_are_refused_with_their_packets_echoed() {
     }
 }
 
-async fn import_raw(gateway: SocketAddr, busid: &str) -> tokio::net::TcpStream {
-    let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
-    let mut request = OpHeader::new(OP_REQ_IMPORT, 0).encode().to_vec();
-    request.extend_from_slice(&encode_import_request(busid).unwrap());
-    stream.write_all(&request).await.unwrap();
-    let mut reply = [0u8; OP_HEADER_LEN + 312];
-    stream.read_exact(&mut reply).await.unwrap();
-    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "import accepted");
-    stream
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_headers_close_only_their_connection() {
-    let setup = setup().await;
-    let list = usbip::devlist(setup.gateway).await.unwrap();
-    let busid = list
-        .iter()
-        .find(|e| e.device.id_product == zero::PID)
-        .unwrap()
-        .device
-        .busid
-        .clone();
+    let setup = GatewayUnderTest::start().await;
+    let busid = setup.busid(zero::VID, zero::PID).await;
     let mut bad = import_raw(setup.gateway, &busid).await;
     let mut garbage = [0u8; 48];
     garbage[3] = 7; // unknown URB command
@@ -439,8 +340,8 @@ async fn bad_headers_close_only_their_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyboard_reports_arrive_through_usbip() {
-    let setup = setup().await;
-    let device = import(&setup, keyboard::VID, keyboard::PID).await;
+    let setup = GatewayUnderTest::start().await;
+    let device = setup.import(keyboard::VID, keyboard::PID).await;
     let mut reports = Vec::new();
     for _ in 0.."p2p-usb\n".len() * 2 {
         let report = device
@@ -462,7 +363,7 @@ async fn local_users_outside_the_allowed_set_are_refused() {
         eprintln!("needs root to connect as another local user");
         return;
     }
-    let setup = setup().await;
+    let setup = GatewayUnderTest::start().await;
     // Connect as uid 65534 and send a device-list request: no answer, closed.
     let port = setup.gateway.port();
     let script = format!(
@@ -487,7 +388,7 @@ async fn local_users_outside_the_allowed_set_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debian_usbip_tool_lists_the_exported_devices() {
-    let setup = setup().await;
+    let setup = GatewayUnderTest::start().await;
     let output = tokio::process::Command::new("usbip")
         .args([
             "--tcp-port",

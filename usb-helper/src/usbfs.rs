@@ -360,15 +360,17 @@ fn driverless_interfaces(info: &DeviceInfo) -> Vec<(u8, String)> {
     config
         .interfaces
         .iter()
-        .map(|i| i.number)
-        .map(|n| {
-            (
-                n,
-                format!("{}:{}.{n}", info.key.bus_path, info.active_configuration),
-            )
-        })
+        .map(|i| (i.number, interface_name(info, i.number)))
         .filter(|(_, name)| interface_driver(name).is_none())
         .collect()
+}
+
+/// The sysfs name of interface `number` of the active configuration, e.g. `2-1:1.0`.
+fn interface_name(info: &DeviceInfo, number: u8) -> String {
+    format!(
+        "{}:{}.{number}",
+        info.key.bus_path, info.active_configuration
+    )
 }
 
 /// The name of the driver bound to interface `name` (e.g. `2-1:1.0`), from sysfs.
@@ -507,6 +509,8 @@ impl UsbfsDevice {
                 "reset before use failed ({e}); using the device as it is"
             ),
         }
+        // claim_all detaches once more: after a reset the kernel probes
+        // interfaces that have no driver, and one may have bound again.
         self.claim_all().await
     }
 
@@ -749,11 +753,8 @@ impl UsbfsDevice {
         self.release_all();
         let info = self.info();
         for number in self.interface_numbers() {
-            let interface = format!(
-                "{}:{}.{number}",
-                info.key.bus_path, info.active_configuration
-            );
-            self.reattach_driver(number, &interface).await;
+            self.reattach_driver(number, &interface_name(&info, number))
+                .await;
         }
     }
 

@@ -50,6 +50,14 @@ pub async fn devlist(server: SocketAddr) -> Result<Vec<DevlistEntry>, UsbipClien
     Ok(decode_devlist(&body)?)
 }
 
+/// The bus id under which a device list exports VID:PID, if it does.
+pub fn busid_of(entries: &[DevlistEntry], vid: u16, pid: u16) -> Option<String> {
+    entries
+        .iter()
+        .find(|e| e.device.id_vendor == vid && e.device.id_product == pid)
+        .map(|e| e.device.busid.clone())
+}
+
 /// What a URB came back with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrbResult {

@@ -1,0 +1,111 @@
+//! A server (helper and agent, sim backend) and a client whose USB/IP
+//! gateway listens on loopback: what the USB/IP tests and the full-stack
+//! benchmark drive.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
+use p2p_usb_agent::usbip::gateway::{self, Remote};
+use p2p_usb_agent::usbip::proto::{
+    OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, USB_DEVICE_LEN, encode_import_request,
+};
+use p2p_usb_common::access::AccessList;
+use p2p_usb_common::proto::std_request;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::server::{Network, ServerUnderTest, start_client};
+
+/// The whole stack up to a USB/IP gateway; the gateway stops when this drops.
+pub struct GatewayUnderTest {
+    /// The server processes (helper and agent).
+    pub server: ServerUnderTest,
+    /// Where the gateway listens.
+    pub gateway: SocketAddr,
+    stop: CancellationToken,
+    _dir: TempDir,
+}
+
+impl GatewayUnderTest {
+    /// Starts a server that shares its sim devices with one approved client,
+    /// and that client's gateway on a free loopback port.
+    pub async fn start() -> GatewayUnderTest {
+        let dir = tempfile::tempdir().unwrap();
+        let client = start_client(dir.path(), &Network::Loopback).await;
+        let server = ServerUnderTest::start(
+            &format!("approved_clients = [\"{}\"]", client.id()),
+            "auto_share = true",
+            Network::Loopback,
+        );
+        let remote = Arc::new(Remote::new(
+            client,
+            p2p_usb_agent::net::parse_server(&server.ticket().await).unwrap(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(gateway::serve(
+            listener,
+            remote,
+            AccessList::default(),
+            stop.clone(),
+        ));
+        GatewayUnderTest {
+            server,
+            gateway,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    /// The bus id the gateway exports VID:PID under.
+    pub async fn busid(&self, vid: u16, pid: u16) -> String {
+        let list = usbip::devlist(self.gateway).await.unwrap();
+        usbip::busid_of(&list, vid, pid)
+            .unwrap_or_else(|| panic!("{vid:04x}:{pid:04x} is not exported"))
+    }
+
+    /// Imports VID:PID through the gateway.
+    pub async fn import(&self, vid: u16, pid: u16) -> Imported {
+        let busid = self.busid(vid, pid).await;
+        usbip::import(self.gateway, &busid).await.unwrap()
+    }
+}
+
+impl Drop for GatewayUnderTest {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Imports `busid` by hand and returns the bare stream, for tests that write
+/// URB headers themselves.
+pub async fn import_raw(gateway: SocketAddr, busid: &str) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut request = OpHeader::new(OP_REQ_IMPORT, 0).encode().to_vec();
+    request.extend_from_slice(&encode_import_request(busid).unwrap());
+    stream.write_all(&request).await.unwrap();
+    let mut reply = [0u8; OP_HEADER_LEN + USB_DEVICE_LEN];
+    stream.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "import accepted");
+    stream
+}
+
+/// SET_CONFIGURATION through an imported device; the status must be 0.
+pub async fn set_configuration(device: &Imported, value: u8) {
+    let result = device
+        .control(
+            0x00,
+            std_request::SET_CONFIGURATION,
+            value.into(),
+            0,
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.status, 0);
+}
