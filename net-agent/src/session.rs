@@ -215,7 +215,17 @@ async fn client_to_helper<R, W>(
             frame = from_client.next() => match frame {
                 Some(Ok(frame)) => frame.freeze(),
                 Some(Err(e)) => {
-                    tracing::warn!("client link failed: {e}");
+                    // A client that closes its connection or resets the
+                    // stream (a detach, a stopped process) is leaving, not
+                    // failing; anything else, such as an oversized frame, is.
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        tracing::info!("client link ended: {e}");
+                    } else {
+                        tracing::warn!("client link failed: {e}");
+                    }
                     return;
                 }
                 None => return,
