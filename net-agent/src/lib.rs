@@ -13,6 +13,7 @@ pub mod identity;
 pub mod net;
 pub mod peer_uid;
 pub mod policy;
+mod quic_writer;
 mod session;
 pub mod usbip;
 pub mod vhci;

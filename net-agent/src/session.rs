@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use iroh::EndpointId;
 use iroh::endpoint::{RecvStream, SendStream};
 use p2p_usb_common::codec::{
@@ -32,10 +32,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::helper_link::SOFTWARE;
+use crate::quic_writer::QuicWriter;
 
 /// Request ids the agent itself uses on a session's helper link; clients
 /// count up from 1 and never reach them.
 const INTERNAL_IDS: RequestId = 1 << 63;
+
+/// Frames forwarded per flush at most, so one direction of a busy session
+/// cannot hold back its own bytes for long.
+const MAX_BURST: usize = 64;
 
 type Reader<R> = FramedRead<R, LengthDelimitedCodec>;
 type Writer<W> = FrameWriter<W>;
@@ -63,7 +68,7 @@ pub(crate) async fn run(
     stop: CancellationToken,
 ) {
     let mut from_client = FramedRead::with_capacity(recv, frame_codec(), READ_BUFFER_CAPACITY);
-    let mut to_client = FrameWriter::new(send);
+    let mut to_client = FrameWriter::new(QuicWriter::new(send));
     if let Err(e) = handshake(&mut from_client, &mut to_client).await {
         tracing::debug!(client = %client, "session handshake failed: {e}");
         return;
@@ -201,35 +206,59 @@ async fn client_to_helper<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut queued = 0;
     loop {
-        let frame = tokio::select! {
-            // The agent's own requests go first: a withdrawal must reach the
-            // helper before anything the client sends after hearing of it.
-            biased;
-            Some(message) = internal.recv() => {
-                if to_helper.send(&message).await.is_err() {
-                    return;
-                }
-                continue;
+        // The agent's own requests go first: a withdrawal must reach the
+        // helper before anything the client sends after hearing of it.
+        if let Ok(message) = internal.try_recv() {
+            if to_helper.queue(&message).is_err() {
+                return;
             }
-            frame = from_client.next() => match frame {
-                Some(Ok(frame)) => frame.freeze(),
-                Some(Err(e)) => {
-                    // A client that closes its connection or resets the
-                    // stream (a detach, a stopped process) is leaving, not
-                    // failing; anything else, such as an oversized frame, is.
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionReset
-                    ) {
-                        tracing::info!("client link ended: {e}");
-                    } else {
-                        tracing::warn!("client link failed: {e}");
-                    }
+            continue;
+        }
+        // Frames that are already here are queued and go out together;
+        // the link is flushed only before waiting.
+        let ready = if queued < MAX_BURST {
+            from_client.next().now_or_never()
+        } else {
+            None
+        };
+        let next = match ready {
+            Some(next) => next,
+            None => {
+                queued = 0;
+                if to_helper.flush().await.is_err() {
                     return;
                 }
-                None => return,
-            },
+                tokio::select! {
+                    biased;
+                    Some(message) = internal.recv() => {
+                        if to_helper.queue(&message).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    next = from_client.next() => next,
+                }
+            }
+        };
+        let frame = match next {
+            Some(Ok(frame)) => frame.freeze(),
+            Some(Err(e)) => {
+                // A client that closes its connection or resets the
+                // stream (a detach, a stopped process) is leaving, not
+                // failing; anything else, such as an oversized frame, is.
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionReset
+                ) {
+                    tracing::info!("client link ended: {e}");
+                } else {
+                    tracing::warn!("client link failed: {e}");
+                }
+                return;
+            }
+            None => return,
         };
         let forward = match peek(&frame) {
             FrameKind::Request { id, .. } if id >= INTERNAL_IDS => {
@@ -265,8 +294,11 @@ async fn client_to_helper<R, W>(
             }
             FrameKind::Reply { .. } | FrameKind::Event | FrameKind::Hello => false,
         };
-        if forward && send_raw(&mut to_helper, frame).await.is_err() {
-            return;
+        if forward {
+            if to_helper.queue_raw(frame).is_err() {
+                return;
+            }
+            queued += 1;
         }
     }
 }
@@ -317,26 +349,43 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
     agent: Arc<Agent>,
     client: EndpointId,
     mut from_helper: Reader<R>,
-    mut to_client: Writer<SendStream>,
+    mut to_client: Writer<QuicWriter>,
     mut notices: mpsc::Receiver<Message>,
     state: Arc<Mutex<SessionState>>,
 ) {
+    let mut queued = 0;
     loop {
-        let frame = tokio::select! {
-            frame = from_helper.next() => match frame {
-                Some(Ok(frame)) => frame.freeze(),
-                _ => return,
-            },
-            Some(notice) = notices.recv() => {
-                let last = matches!(notice, Message::Event(Event::ShuttingDown { .. }));
-                if to_client.send(&notice).await.is_err() {
+        // As upstream: what is ready goes out in one flush.
+        let ready = if queued < MAX_BURST {
+            from_helper.next().now_or_never()
+        } else {
+            None
+        };
+        let next = match ready {
+            Some(next) => next,
+            None => {
+                queued = 0;
+                if to_client.flush().await.is_err() {
                     return;
                 }
-                if last {
-                    return finish(to_client).await;
+                tokio::select! {
+                    next = from_helper.next() => next,
+                    Some(notice) = notices.recv() => {
+                        let last = matches!(notice, Message::Event(Event::ShuttingDown { .. }));
+                        if to_client.send(&notice).await.is_err() {
+                            return;
+                        }
+                        if last {
+                            return finish(to_client).await;
+                        }
+                        continue;
+                    }
                 }
-                continue;
             }
+        };
+        let frame = match next {
+            Some(Ok(frame)) => frame.freeze(),
+            _ => return,
         };
         let (frame, last) = match peek(&frame) {
             FrameKind::Reply { id } => {
@@ -362,29 +411,28 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
             },
             _ => continue,
         };
-        if send_raw(&mut to_client, frame).await.is_err() {
+        if to_client.queue_raw(frame).is_err() {
             return;
         }
+        queued += 1;
         if last {
+            if to_client.flush().await.is_err() {
+                return;
+            }
             return finish(to_client).await;
         }
     }
 }
 
-/// Forwards a frame as it arrived.
-async fn send_raw<W: AsyncWrite + Unpin>(
-    writer: &mut Writer<W>,
-    frame: Bytes,
-) -> Result<(), p2p_usb_common::codec::CodecError> {
-    writer.queue_raw(frame)?;
-    writer.flush().await
-}
-
 /// Ends the stream and waits (briefly) until the client has read it all, so
 /// a closing connection does not swallow the last notice.
-async fn finish(mut to_client: Writer<SendStream>) {
+async fn finish(mut to_client: Writer<QuicWriter>) {
     let _ = to_client.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), to_client.get_mut().stopped()).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        to_client.get_mut().get_mut().stopped(),
+    )
+    .await;
 }
 
 /// Device lists lose unshared devices; successful opens are recorded.

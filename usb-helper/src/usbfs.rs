@@ -579,9 +579,13 @@ impl UsbfsDevice {
 
     /// Queues a transfer on its endpoint's FIFO.
     pub fn submit(&self, transfer: Transfer, reply: ReplySink) {
-        let info = self.info();
-        let alts = self.alts.lock().expect("alts lock").clone();
-        let resolved = match transfer::resolve(&info, &alts, &transfer) {
+        // Resolved under the locks, not on copies: this runs for every transfer.
+        let resolved = transfer::resolve(
+            &self.info.lock().expect("info lock"),
+            &self.alts.lock().expect("alts lock"),
+            &transfer,
+        );
+        let resolved = match resolved {
             Ok(resolved) => resolved,
             Err(e) => {
                 tokio::spawn(reply.send(Err(e)));

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use p2p_usb_common::codec::write_all_vectored;
+use p2p_usb_common::codec::{READ_BUFFER_CAPACITY, write_all_vectored};
 use p2p_usb_common::link::LinkClient;
 use p2p_usb_common::proto::{
     DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Reply, Request, RequestId, SetupPacket, Transfer,
@@ -93,6 +93,9 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (reader, mut writer) = tokio::io::split(stream);
+    // Buffered: a burst of URBs is read with one syscall, not two per URB
+    // (header, then payload), and its requests leave in one flush.
+    let reader = tokio::io::BufReader::with_capacity(READ_BUFFER_CAPACITY, reader);
     let mut batch: Vec<Bytes> = Vec::new();
     let pending: Arc<Mutex<Pending>> = Arc::default();
     let (to_writer, mut from_reader) = mpsc::unbounded_channel::<Outgoing>();

@@ -616,8 +616,9 @@ impl Bus {
             return;
         };
         let unit = &mut self.units[index];
-        let info = unit.info();
-        let resolved = match transfer::resolve(&info, &unit.alts, &transfer) {
+        let resolved =
+            transfer::resolve(&unit.info.lock().expect("info lock"), &unit.alts, &transfer);
+        let resolved = match resolved {
             Ok(resolved) => resolved,
             Err(e) => return unit.deliver(endpoint, reply, Err(e)),
         };
