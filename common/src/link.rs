@@ -100,9 +100,7 @@ impl Waiter {
 }
 
 type Waiters = Arc<Mutex<HashMap<RequestId, Waiter>>>;
-
-/// Requests queued for the writer task before senders wait.
-const OUTGOING_QUEUE: usize = 1024;
+type SharedWriter = Arc<tokio::sync::Mutex<FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>>>;
 
 /// The requesting end of a link. Cheap to clone; all clones share the link,
 /// which closes when the last clone is dropped (or on [`LinkClient::close`]).
@@ -112,10 +110,9 @@ pub struct LinkClient {
 }
 
 struct Inner {
-    /// Requests go to the link's writer task, which writes everything queued
-    /// by the time it runs with one flush: a burst of requests (the URBs of
-    /// one read from a USB/IP client) costs one write, not one each.
-    outgoing: mpsc::Sender<Message>,
+    /// Requests are written by the task that makes them: no hand-off to a
+    /// writer task, so a request costs no extra thread wake-up.
+    writer: SharedWriter,
     waiters: Waiters,
     /// Cancelled when the link ends, from either side.
     closed: CancellationToken,
@@ -160,27 +157,23 @@ impl LinkClient {
             FramedRead::with_capacity(reader, MessageCodec::default(), READ_BUFFER_CAPACITY);
         let mut writer = FramedWrite::new(writer, MessageCodec::default());
         let peer = handshake(&mut reader, &mut writer, software).await?;
+        let writer: Box<dyn AsyncWrite + Send + Unpin> = Box::new(writer.into_inner());
+        let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(FrameWriter::new(writer)));
 
-        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let waiters: Waiters = Arc::default();
         let closed = CancellationToken::new();
-        tokio::spawn(write_loop(
-            FrameWriter::new(writer.into_inner()),
-            outgoing_rx,
-            closed.clone(),
-        ));
         tokio::spawn(read_loop(
             reader,
             waiters.clone(),
             events_tx,
-            outgoing.downgrade(),
+            Arc::downgrade(&writer),
             closed.clone(),
         ));
         Ok((
             LinkClient {
                 inner: Arc::new(Inner {
-                    outgoing,
+                    writer,
                     waiters,
                     closed,
                     next_id: AtomicU64::new(1),
@@ -207,9 +200,13 @@ impl LinkClient {
     }
 
     /// Closes the link from this end; pending requests fail and the peer
-    /// sees the stream end (the writer task shuts it down).
+    /// sees the stream end.
     pub fn close(&self) {
         self.inner.closed.cancel();
+        let writer = self.inner.writer.clone();
+        tokio::spawn(async move {
+            let _ = writer.lock().await.shutdown().await;
+        });
     }
 
     /// Sends a request and waits for its reply.
@@ -267,8 +264,10 @@ impl LinkClient {
         // inserted after that is caught here.
         let sent = !inner.closed.is_cancelled()
             && inner
-                .outgoing
-                .send(Message::Request { id, body })
+                .writer
+                .lock()
+                .await
+                .send(&Message::Request { id, body })
                 .await
                 .is_ok();
         if !sent {
@@ -323,7 +322,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: FramedRead<R, MessageCodec>,
     waiters: Waiters,
     events: mpsc::Sender<Event>,
-    outgoing: mpsc::WeakSender<Message>,
+    writer: std::sync::Weak<tokio::sync::Mutex<FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>>>,
     closed: CancellationToken,
 ) {
     loop {
@@ -354,8 +353,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         body.kind()
                     ))),
                 };
-                if let Some(outgoing) = outgoing.upgrade() {
-                    let _ = outgoing.send(answer).await;
+                if let Some(writer) = writer.upgrade() {
+                    let _ = writer.lock().await.send(&answer).await;
                 }
             }
             Ok(Ok(Message::Hello(_))) => {
