@@ -256,9 +256,14 @@ async fn client_to_helper<R, W>(
                 } else {
                     tracing::warn!("client link failed: {e}");
                 }
+                // What the client sent before leaving still reaches the helper.
+                let _ = to_helper.flush().await;
                 return;
             }
-            None => return,
+            None => {
+                let _ = to_helper.flush().await;
+                return;
+            }
         };
         let forward = match peek(&frame) {
             FrameKind::Request { id, .. } if id >= INTERNAL_IDS => {
@@ -385,7 +390,11 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
         };
         let frame = match next {
             Some(Ok(frame)) => frame.freeze(),
-            _ => return,
+            _ => {
+                // The helper's last replies still reach the client.
+                let _ = to_client.flush().await;
+                return;
+            }
         };
         let (frame, last) = match peek(&frame) {
             FrameKind::Reply { id } => {
