@@ -223,61 +223,97 @@ impl LinkClient {
         RequestId,
         impl Future<Output = Result<Reply, UsbError>> + use<>,
     ) {
-        let (tx, rx) = oneshot::channel();
-        let id = self.send_request(body, Waiter::One(tx), |_| {}).await;
-        (
-            id,
-            async move { rx.await.unwrap_or_else(|_| Err(link_lost())) },
-        )
-    }
-
-    /// Sends a request whose reply goes to `replies`, in the order replies
-    /// arrive on the link. `register` learns the request's id before the
-    /// request leaves, so the reply can never overtake the caller's
-    /// bookkeeping. If the link is or goes down, `replies` receives a
-    /// `link_lost` error for it.
-    pub async fn request_into(
-        &self,
-        body: Request,
-        replies: &mpsc::UnboundedSender<(RequestId, Result<Reply, UsbError>)>,
-        register: impl FnOnce(RequestId),
-    ) -> RequestId {
-        self.send_request(body, Waiter::Stream(replies.clone()), register)
+        self.start_requests(vec![body])
             .await
+            .pop()
+            .expect("one request, one reply")
     }
 
-    async fn send_request(
+    /// Sends several requests with one write, each with its own reply as
+    /// with [`LinkClient::start_request`]. A caller holding a burst of
+    /// requests (the URBs of one read from a USB/IP client) saves the peer
+    /// a wake-up per request.
+    pub async fn start_requests(
         &self,
-        body: Request,
-        waiter: Waiter,
-        register: impl FnOnce(RequestId),
-    ) -> RequestId {
+        bodies: Vec<Request>,
+    ) -> Vec<(
+        RequestId,
+        impl Future<Output = Result<Reply, UsbError>> + use<>,
+    )> {
+        let (waiters, replies): (Vec<_>, Vec<_>) = bodies
+            .into_iter()
+            .map(|body| {
+                let (tx, rx) = oneshot::channel();
+                ((body, Waiter::One(tx)), rx)
+            })
+            .unzip();
+        let ids = self.send_requests(waiters, |_, _| {}).await;
+        ids.into_iter()
+            .zip(replies)
+            .map(|(id, rx)| {
+                (
+                    id,
+                    async move { rx.await.unwrap_or_else(|_| Err(link_lost())) },
+                )
+            })
+            .collect()
+    }
+
+    /// Sends requests, with one write, whose replies go to `replies` in the
+    /// order they arrive on the link. `register` learns each request's index
+    /// in `bodies` and its id before the requests leave, so a reply can never
+    /// overtake the caller's bookkeeping. If the link is or goes down,
+    /// `replies` receives a `link_lost` error for each.
+    pub async fn requests_into(
+        &self,
+        bodies: Vec<Request>,
+        replies: &mpsc::UnboundedSender<(RequestId, Result<Reply, UsbError>)>,
+        register: impl FnMut(usize, RequestId),
+    ) -> Vec<RequestId> {
+        let batch = bodies
+            .into_iter()
+            .map(|body| (body, Waiter::Stream(replies.clone())))
+            .collect();
+        self.send_requests(batch, register).await
+    }
+
+    async fn send_requests(
+        &self,
+        batch: Vec<(Request, Waiter)>,
+        mut register: impl FnMut(usize, RequestId),
+    ) -> Vec<RequestId> {
         let inner = &self.inner;
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        register(id);
-        inner
-            .waiters
-            .lock()
-            .expect("waiters lock")
-            .insert(id, waiter);
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        {
+            let mut waiters = inner.waiters.lock().expect("waiters lock");
+            for (index, (body, waiter)) in batch.into_iter().enumerate() {
+                let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+                register(index, id);
+                waiters.insert(id, waiter);
+                ids.push(id);
+                messages.push(Message::Request { id, body });
+            }
+        }
         // The reader cancels `closed` before failing the waiters, so a waiter
         // inserted after that is caught here.
-        let sent = !inner.closed.is_cancelled()
-            && inner
-                .writer
-                .lock()
-                .await
-                .send(&Message::Request { id, body })
-                .await
-                .is_ok();
+        let sent = !inner.closed.is_cancelled() && {
+            let mut writer = inner.writer.lock().await;
+            messages.iter().all(|m| writer.queue(m).is_ok()) && writer.flush().await.is_ok()
+        };
         if !sent {
             inner.closed.cancel();
-            let waiter = inner.waiters.lock().expect("waiters lock").remove(&id);
-            if let Some(waiter) = waiter {
+            let orphaned: Vec<(RequestId, Waiter)> = {
+                let mut waiters = inner.waiters.lock().expect("waiters lock");
+                ids.iter()
+                    .filter_map(|&id| waiters.remove(&id).map(|w| (id, w)))
+                    .collect()
+            };
+            for (id, waiter) in orphaned {
                 waiter.deliver(id, Err(link_lost()));
             }
         }
-        id
+        ids
     }
 }
 
@@ -430,6 +466,48 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn each_request_of_a_batch_gets_its_own_reply() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (r, w) = a.into_split();
+        let server = tokio::spawn(async move {
+            let (r, w) = b.into_split();
+            let mut reader = FramedRead::new(r, MessageCodec::default());
+            let mut writer = FramedWrite::new(w, MessageCodec::default());
+            handshake(&mut reader, &mut writer, "s").await.unwrap();
+            // Read the whole batch, then answer it in reverse order.
+            let mut ids = Vec::new();
+            for _ in 0..3 {
+                match reader.next().await {
+                    Some(Ok(Ok(Message::Request { id, .. }))) => ids.push(id),
+                    other => panic!("{other:?}"),
+                }
+            }
+            for id in ids.into_iter().rev() {
+                let reply = Message::Reply {
+                    id,
+                    body: Ok(Reply::Transferred(Completion {
+                        actual_length: 8,
+                        data: Bytes::copy_from_slice(&id.to_be_bytes()),
+                    })),
+                };
+                writer.send(reply).await.unwrap();
+            }
+            std::future::pending::<()>().await;
+        });
+        let (client, _events) = LinkClient::start(r, w, "c").await.unwrap();
+        let batch = client.start_requests(vec![Request::ListDevices; 3]).await;
+        let ids: Vec<RequestId> = batch.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids.len(), 3);
+        for (id, reply) in batch {
+            match reply.await.unwrap() {
+                Reply::Transferred(c) => assert_eq!(c.data[..], id.to_be_bytes()),
+                other => panic!("{other:?}"),
+            }
+        }
+        server.abort();
     }
 
     #[tokio::test]

@@ -95,8 +95,17 @@ async fn bulk_helper(link: &LinkClient, handle: u32, depth: usize, size: usize) 
             let (w, r): (_, _) = window.pop_front().unwrap();
             check_pair(w, r, size).await;
         }
-        let (_, w) = usb::start(link, transfer(handle, zero::EP_OUT, out(payload.clone()))).await;
-        let (_, r) = usb::start(link, transfer(handle, zero::EP_IN, input(size as u32))).await;
+        // The pair leaves in one write, as a client with both at hand sends them.
+        let mut pair = usb::start_all(
+            link,
+            vec![
+                transfer(handle, zero::EP_OUT, out(payload.clone())),
+                transfer(handle, zero::EP_IN, input(size as u32)),
+            ],
+        )
+        .await
+        .into_iter();
+        let (w, r) = (pair.next().unwrap(), pair.next().unwrap());
         window.push_back((w, r));
     }
     while let Some((w, r)) = window.pop_front() {

@@ -76,6 +76,24 @@ pub async fn start(
     })
 }
 
+/// Starts several transfers with one write; their completions, in order.
+pub async fn start_all(
+    link: &LinkClient,
+    transfers: Vec<Transfer>,
+) -> Vec<impl Future<Output = Result<Completion, UsbError>> + use<>> {
+    let requests = transfers.into_iter().map(Request::Submit).collect();
+    link.start_requests(requests)
+        .await
+        .into_iter()
+        .map(|(_, reply)| async move {
+            match reply.await? {
+                Reply::Transferred(c) => Ok(c),
+                other => panic!("Submit: {other:?}"),
+            }
+        })
+        .collect()
+}
+
 /// Runs one transfer to completion.
 pub async fn run(link: &LinkClient, t: Transfer) -> Result<Completion, UsbError> {
     start(link, t).await.1.await

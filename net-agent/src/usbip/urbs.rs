@@ -20,7 +20,7 @@ use p2p_usb_common::proto::{
     DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Reply, Request, RequestId, SetupPacket, Transfer,
     TransferData, TransferFlags, UsbError,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -95,7 +95,7 @@ where
     let (reader, mut writer) = tokio::io::split(stream);
     // Buffered: a burst of URBs is read with one syscall, not two per URB
     // (header, then payload), and its requests leave in one flush.
-    let reader = tokio::io::BufReader::with_capacity(READ_BUFFER_CAPACITY, reader);
+    let reader = BufReader::with_capacity(READ_BUFFER_CAPACITY, reader);
     let mut batch: Vec<Bytes> = Vec::new();
     let pending: Arc<Mutex<Pending>> = Arc::default();
     let (to_writer, mut from_reader) = mpsc::unbounded_channel::<Outgoing>();
@@ -167,8 +167,11 @@ enum Ready {
     Reply(Outgoing),
 }
 
+/// URBs sent to the server with one write at most.
+const MAX_URB_BATCH: usize = 64;
+
 async fn read_loop<R: AsyncRead + Unpin>(
-    mut reader: R,
+    mut reader: BufReader<R>,
     session: LinkClient,
     handle: Handle,
     pending: Arc<Mutex<Pending>>,
@@ -176,6 +179,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     to_writer: mpsc::UnboundedSender<Outgoing>,
 ) -> EndReason {
     let mut header = [0u8; URB_HEADER_LEN];
+    // Submits already read, sent together once no further URB is buffered.
+    let mut batch: Vec<(CmdSubmit, Transfer)> = Vec::new();
     loop {
         if reader.read_exact(&mut header).await.is_err() {
             return EndReason::ClientClosed;
@@ -190,11 +195,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     Ok(out) => out,
                     Err(e) => return e,
                 };
-                if let Some(reply) = submit(&session, handle, &pending, &replies, cmd, out).await {
-                    let _ = to_writer.send(reply);
+                match transfer_for(handle, &cmd, out) {
+                    Ok(transfer) => batch.push((cmd, transfer)),
+                    Err(refusal) => {
+                        let _ = to_writer.send(refusal);
+                    }
                 }
             }
             UrbHeader::Unlink(cmd) => {
+                // The URB it names may be in the batch: send that first.
+                submit(&session, &pending, &replies, std::mem::take(&mut batch)).await;
                 if let Some(reply) = unlink(&session, &pending, cmd).await {
                     let _ = to_writer.send(reply);
                 }
@@ -203,6 +213,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return EndReason::Protocol(format!("unexpected {other:?} from a USB/IP client"));
             }
         }
+        if batch.len() >= MAX_URB_BATCH || !whole_urb_buffered(reader.buffer()) {
+            submit(&session, &pending, &replies, std::mem::take(&mut batch)).await;
+        }
+    }
+}
+
+/// True if `buffered` starts with a whole URB (header and payload), which
+/// can then be read without waiting.
+fn whole_urb_buffered(buffered: &[u8]) -> bool {
+    let Some(header) = buffered.first_chunk::<URB_HEADER_LEN>() else {
+        return false;
+    };
+    match UrbHeader::decode(header) {
+        Ok(UrbHeader::Submit(cmd)) => {
+            let out = data_len_out(&cmd, MAX_TRANSFER_LEN as usize).unwrap_or(usize::MAX);
+            let iso = iso_descriptors_len(cmd.number_of_packets);
+            URB_HEADER_LEN.saturating_add(out).saturating_add(iso) <= buffered.len()
+        }
+        Ok(_) => true,
+        Err(_) => false,
     }
 }
 
@@ -239,24 +269,22 @@ async fn read_submit_payload<R: AsyncRead + Unpin>(
     Ok((data.freeze(), iso))
 }
 
-async fn submit(
-    session: &LinkClient,
+/// The transfer a CMD_SUBMIT asks for, or the reply that refuses it.
+fn transfer_for(
     handle: Handle,
-    pending: &Arc<Mutex<Pending>>,
-    replies: &Replies,
-    cmd: CmdSubmit,
+    cmd: &CmdSubmit,
     (data, iso): (Bytes, Vec<IsoPacketDescriptor>),
-) -> Option<Outgoing> {
+) -> Result<Transfer, Outgoing> {
     if !iso.is_empty() {
-        return Some(iso_refusal(&cmd, iso));
+        return Err(iso_refusal(cmd, iso));
     }
     let Some(endpoint) = endpoint_address(cmd.ep, cmd.direction) else {
-        return Some(failure(
-            &cmd,
+        return Err(failure(
+            cmd,
             &UsbError::Invalid(format!("endpoint {}", cmd.ep)),
         ));
     };
-    let transfer = Transfer {
+    Ok(Transfer {
         handle,
         endpoint,
         setup: (endpoint & 0x7f == 0).then(|| SetupPacket::from_bytes(cmd.setup)),
@@ -272,12 +300,29 @@ async fn submit(
             short_not_ok: cmd.transfer_flags & URB_SHORT_NOT_OK != 0,
         },
         timeout_ms: None,
-    };
-    let seqnum = cmd.seqnum;
+    })
+}
+
+/// Sends a batch of transfers to the server with one write; each URB is
+/// pending (and can be unlinked) from the moment its request has an id.
+async fn submit(
+    session: &LinkClient,
+    pending: &Arc<Mutex<Pending>>,
+    replies: &Replies,
+    batch: Vec<(CmdSubmit, Transfer)>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let (cmds, requests): (Vec<CmdSubmit>, Vec<Request>) = batch
+        .into_iter()
+        .map(|(cmd, transfer)| (cmd, Request::Submit(transfer)))
+        .unzip();
     session
-        .request_into(Request::Submit(transfer), replies, |id| {
+        .requests_into(requests, replies, |index, id| {
+            let cmd = cmds[index];
             let mut pending = pending.lock().expect("pending lock");
-            pending.by_seqnum.insert(seqnum, id);
+            pending.by_seqnum.insert(cmd.seqnum, id);
             pending.by_id.insert(
                 id,
                 PendingUrb {
@@ -287,7 +332,6 @@ async fn submit(
             );
         })
         .await;
-    None
 }
 
 async fn unlink(
@@ -404,5 +448,41 @@ fn iso_refusal(cmd: &CmdSubmit, iso: Vec<IsoPacketDescriptor>) -> Outgoing {
         header: UrbHeader::RetSubmit(ret).encode(),
         data: Bytes::new(),
         iso: descriptors.freeze(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usbip::proto::{USBIP_DIR_OUT, UrbHeader};
+
+    fn submit_header(direction: u32, length: i32) -> [u8; URB_HEADER_LEN] {
+        UrbHeader::Submit(CmdSubmit {
+            seqnum: 1,
+            direction,
+            ep: 1,
+            transfer_buffer_length: length,
+            ..CmdSubmit::default()
+        })
+        .encode()
+    }
+
+    #[test]
+    fn a_urb_counts_as_buffered_only_with_its_whole_payload() {
+        let out = submit_header(USBIP_DIR_OUT, 100);
+        let mut buffered = out.to_vec();
+        assert!(!whole_urb_buffered(&buffered[..47]), "half a header");
+        buffered.extend_from_slice(&[0; 99]);
+        assert!(
+            !whole_urb_buffered(&buffered),
+            "one byte of OUT data missing"
+        );
+        buffered.push(0);
+        assert!(whole_urb_buffered(&buffered));
+
+        // An IN submit carries no data: its header is the whole URB.
+        assert!(whole_urb_buffered(&submit_header(USBIP_DIR_IN, 4096)));
+        // Garbage is left for the reader to report.
+        assert!(!whole_urb_buffered(&[0xff; URB_HEADER_LEN]));
     }
 }
