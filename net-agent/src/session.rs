@@ -43,6 +43,32 @@ const INTERNAL_IDS: RequestId = 1 << 63;
 const MAX_BURST: usize = 64;
 
 type Reader<R> = FramedRead<R, LengthDelimitedCodec>;
+
+/// Counts the frames queued since the last flush, so each direction of the
+/// proxy forwards what is already readable in one burst.
+#[derive(Default)]
+struct Burst {
+    queued: usize,
+}
+
+impl Burst {
+    /// The next frame if one is readable now and the burst has room; `None`
+    /// means: flush, then wait (the count starts again).
+    fn ready<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut Reader<R>,
+    ) -> Option<Option<std::io::Result<bytes::BytesMut>>> {
+        let ready = if self.queued < MAX_BURST {
+            reader.next().now_or_never()
+        } else {
+            None
+        };
+        if ready.is_none() {
+            self.queued = 0;
+        }
+        ready
+    }
+}
 type Writer<W> = FrameWriter<W>;
 
 /// What a session remembers to authorize and filter without touching transfers.
@@ -206,7 +232,7 @@ async fn client_to_helper<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut queued = 0;
+    let mut burst = Burst::default();
     loop {
         // The agent's own requests go first: a withdrawal must reach the
         // helper before anything the client sends after hearing of it.
@@ -218,15 +244,9 @@ async fn client_to_helper<R, W>(
         }
         // Frames that are already here are queued and go out together;
         // the link is flushed only before waiting.
-        let ready = if queued < MAX_BURST {
-            from_client.next().now_or_never()
-        } else {
-            None
-        };
-        let next = match ready {
+        let next = match burst.ready(&mut from_client) {
             Some(next) => next,
             None => {
-                queued = 0;
                 if to_helper.flush().await.is_err() {
                     return;
                 }
@@ -303,7 +323,7 @@ async fn client_to_helper<R, W>(
             if to_helper.queue_raw(frame).is_err() {
                 return;
             }
-            queued += 1;
+            burst.queued += 1;
         }
     }
 }
@@ -358,18 +378,12 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
     mut notices: mpsc::Receiver<Message>,
     state: Arc<Mutex<SessionState>>,
 ) {
-    let mut queued = 0;
+    let mut burst = Burst::default();
     loop {
         // As upstream: what is ready goes out in one flush.
-        let ready = if queued < MAX_BURST {
-            from_helper.next().now_or_never()
-        } else {
-            None
-        };
-        let next = match ready {
+        let next = match burst.ready(&mut from_helper) {
             Some(next) => next,
             None => {
-                queued = 0;
                 if to_client.flush().await.is_err() {
                     return;
                 }
@@ -423,7 +437,7 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
         if to_client.queue_raw(frame).is_err() {
             return;
         }
-        queued += 1;
+        burst.queued += 1;
         if last {
             if to_client.flush().await.is_err() {
                 return;
