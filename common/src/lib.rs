@@ -11,5 +11,6 @@ pub mod exit;
 pub mod gadget;
 pub mod link;
 pub mod logging;
+pub mod memory;
 pub mod proto;
 pub mod service;

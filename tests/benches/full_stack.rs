@@ -26,6 +26,7 @@ const RTT_ROUNDS: usize = 1000;
 const ALPN: &[u8] = b"bench/echo";
 
 fn main() {
+    p2p_usb_common::memory::reuse_freed_buffers();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -17,11 +17,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// Bytes moved per round of a bulk measurement.
-const BULK_BYTES: usize = 64 * 1024 * 1024;
+const BULK_BYTES: usize = 256 * 1024 * 1024;
 /// Round trips per round of the latency measurement.
 const RTT_ROUNDS: usize = 4_000;
 
 fn main() {
+    p2p_usb_common::memory::reuse_freed_buffers();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("helper.sock");
     let config = write_sim_config(dir.path(), &socket, nix::unistd::geteuid().as_raw(), "");

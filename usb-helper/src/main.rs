@@ -20,6 +20,7 @@ struct Args {
 }
 
 fn main() {
+    p2p_usb_common::memory::reuse_freed_buffers();
     let args = Args::parse();
     let options = HelperOptions {
         config: args.config,

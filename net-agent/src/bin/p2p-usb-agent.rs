@@ -57,6 +57,7 @@ enum Command {
 }
 
 fn main() {
+    p2p_usb_common::memory::reuse_freed_buffers();
     let args = Args::parse();
     let command = args.command.unwrap_or(Command::Serve);
     let path = config::server_config_path(args.config.as_deref());

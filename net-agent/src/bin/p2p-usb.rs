@@ -55,6 +55,7 @@ enum Command {
 }
 
 fn main() {
+    p2p_usb_common::memory::reuse_freed_buffers();
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
