@@ -17,7 +17,7 @@ use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
 use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
 use p2p_usb_common::gadget::zero;
 use p2p_usb_tests::gateway::{GatewayUnderTest, import_raw, set_configuration};
-use p2p_usb_tests::measure::{ROUNDS, RoundTrips, Throughput, mib_per_s};
+use p2p_usb_tests::measure::{CpuMeter, ROUNDS, RoundTrips, Throughput, mib_per_s};
 
 /// Bytes moved per round of a bulk measurement.
 const BULK_BYTES: usize = 64 * 1024 * 1024;
@@ -38,19 +38,24 @@ fn main() {
         let busid = setup.busid(zero::VID, zero::PID).await;
         let device = usbip::import(gateway_addr, &busid).await.unwrap();
         let echo = EchoPeer::start().await;
+        // The bench process holds the USB/IP client, the client side and
+        // both ends of the echo.
+        let cpu = CpuMeter::new(&[
+            setup.server.helper.child.id(),
+            setup.server.agent.as_ref().unwrap().child.id(),
+        ]);
 
         println!(
             "full stack (USB/IP -> iroh -> agent -> helper -> sim) vs raw iroh stream echo, same run, {ROUNDS} alternating rounds"
         );
-        println!(
-            "{:<26} {:>11} {:>11} {:>7}   round ratios",
-            "bulk loopback (medians)", "stack MiB/s", "iroh MiB/s", "ratio"
-        );
-        let (imported, echo) = (&device, &echo);
+        println!("{}", Throughput::header("stack", "iroh"));
+        let (imported, echo, cpu) = (&device, &echo, &cpu);
         for depth in [8usize, 32] {
             for size in [16 * 1024usize, 64 * 1024] {
                 set_configuration(imported, zero::CONFIG_LOOPBACK).await;
                 let result = Throughput::compare(
+                    cpu,
+                    BULK_BYTES,
                     move || bulk_stack(imported, depth, size),
                     move || echo.bulk(depth, size),
                 )

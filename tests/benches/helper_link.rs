@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use p2p_usb_common::link::LinkClient;
 use p2p_usb_helper::sim::zero;
-use p2p_usb_tests::measure::{ROUNDS, RoundTrips, Throughput, mib_per_s};
+use p2p_usb_tests::measure::{CpuMeter, ROUNDS, RoundTrips, Throughput, mib_per_s};
 use p2p_usb_tests::usb::{self, input, out, transfer};
 use p2p_usb_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,7 +30,9 @@ fn main() {
         .unwrap()
         .replace("log_level = \"debug\"", "log_level = \"warn\"");
     std::fs::write(&config, config_text).unwrap();
-    let _helper = start_listening_helper(dir.path(), &config, &socket, None);
+    let helper = start_listening_helper(dir.path(), &config, &socket, None);
+    // The bench process holds both the link client and the echo.
+    let cpu = CpuMeter::new(&[helper.child.id()]);
     wait_for_path(&socket, Duration::from_secs(10));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -47,17 +49,16 @@ fn main() {
         println!(
             "helper link vs raw Unix-socket echo (same process, same sizes, {ROUNDS} alternating rounds)"
         );
-        println!(
-            "{:<26} {:>11} {:>11} {:>7}   round ratios",
-            "bulk loopback (medians)", "helper MiB/s", "raw MiB/s", "ratio"
-        );
-        let (link, echo) = (&link, echo.as_path());
+        println!("{}", Throughput::header("helper", "raw"));
+        let (link, echo, cpu) = (&link, echo.as_path(), &cpu);
         for depth in [8usize, 32] {
             for size in [16 * 1024usize, 64 * 1024] {
                 usb::set_configuration(link, handle, zero::CONFIG_LOOPBACK)
                     .await
                     .unwrap();
                 let result = Throughput::compare(
+                    cpu,
+                    BULK_BYTES,
                     move || bulk_helper(link, handle, depth, size),
                     move || bulk_echo(echo, depth, size),
                 )

@@ -1,6 +1,10 @@
 //! Figures for the benchmarks: each measurement runs in alternating rounds
 //! next to its baseline, so a load swing on the machine hits both alike, and
-//! the report gives medians and the spread of the per-round ratios.
+//! the report gives medians and the spread of the per-round ratios. Bulk
+//! comparisons also report the CPU time each side spends per MiB, summed
+//! over every process taking part: a figure that scheduling swings move far
+//! less than throughput, and that says whether a path is short of CPU or
+//! waiting.
 
 use std::future::Future;
 use std::time::Duration;
@@ -20,15 +24,65 @@ pub fn percentile(samples: &[f64], p: usize) -> f64 {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
-/// Throughput of a path and of its baseline, [`ROUNDS`] rounds each.
+/// CPU time (user and system) of a set of processes: the benchmark's own
+/// and the binaries it drives.
+pub struct CpuMeter {
+    pids: Vec<u32>,
+}
+
+impl CpuMeter {
+    /// This process and `others`.
+    pub fn new(others: &[u32]) -> CpuMeter {
+        let mut pids = vec![std::process::id()];
+        pids.extend_from_slice(others);
+        CpuMeter { pids }
+    }
+
+    /// CPU seconds all of them have used so far (threads that ended count).
+    pub fn seconds(&self) -> f64 {
+        // SAFETY: sysconf only reads a system constant.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        self.pids
+            .iter()
+            .map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+                cpu_ticks(&stat)
+            })
+            .sum::<u64>() as f64
+            / ticks_per_second
+    }
+}
+
+/// utime + stime from the text of `/proc/PID/stat` (fields 14 and 15; the
+/// command name before them may contain spaces, so count from its `)`).
+fn cpu_ticks(stat: &str) -> u64 {
+    let after_name = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Throughput of a path and of its baseline, [`ROUNDS`] rounds each, and
+/// the CPU time each side used.
 pub struct Throughput {
     pub path: Vec<f64>,
     pub baseline: Vec<f64>,
+    /// CPU seconds of all of the path's rounds.
+    pub path_cpu: f64,
+    pub baseline_cpu: f64,
+    /// Bytes each round moves.
+    pub bytes_per_round: usize,
 }
 
 impl Throughput {
-    /// Runs `path` and `baseline` alternately, each returning MiB/s.
-    pub async fn compare<P, PF, B, BF>(mut path: P, mut baseline: B) -> Throughput
+    /// Runs `path` and `baseline` alternately, each moving `bytes_per_round`
+    /// and returning MiB/s; `cpu` is read around every round.
+    pub async fn compare<P, PF, B, BF>(
+        cpu: &CpuMeter,
+        bytes_per_round: usize,
+        mut path: P,
+        mut baseline: B,
+    ) -> Throughput
     where
         P: FnMut() -> PF,
         PF: Future<Output = f64>,
@@ -38,16 +92,37 @@ impl Throughput {
         let mut result = Throughput {
             path: Vec::with_capacity(ROUNDS),
             baseline: Vec::with_capacity(ROUNDS),
+            path_cpu: 0.0,
+            baseline_cpu: 0.0,
+            bytes_per_round,
         };
         for _ in 0..ROUNDS {
+            let start = cpu.seconds();
             result.path.push(path().await);
+            let middle = cpu.seconds();
             result.baseline.push(baseline().await);
+            result.path_cpu += middle - start;
+            result.baseline_cpu += cpu.seconds() - middle;
         }
         result
     }
 
-    /// One table row: medians, their ratio, and the lowest and highest
-    /// ratio of a round to its neighbouring baseline round.
+    /// The header matching [`Throughput::row`].
+    pub fn header(path: &str, baseline: &str) -> String {
+        format!(
+            "{:<26} {:>11} {:>11} {:>7}   {:<12} {:>21}",
+            "bulk loopback (medians)",
+            format!("{path} MiB/s"),
+            format!("{baseline} MiB/s"),
+            "ratio",
+            "round ratios",
+            "CPU ms/MiB path, base",
+        )
+    }
+
+    /// One table row: medians, their ratio, the lowest and highest ratio of
+    /// a round to its neighbouring baseline round, and the CPU milliseconds
+    /// each side spent per MiB.
     pub fn row(&self, name: &str) -> String {
         let (path, baseline) = (percentile(&self.path, 50), percentile(&self.baseline, 50));
         let ratios: Vec<f64> = self
@@ -56,11 +131,17 @@ impl Throughput {
             .zip(&self.baseline)
             .map(|(p, b)| p / b)
             .collect();
+        let mib = (self.bytes_per_round * self.path.len()) as f64 / (1024.0 * 1024.0);
         format!(
-            "{name:<26} {path:>11.1} {baseline:>11.1} {:>7.2}   {:.2}-{:.2}",
+            "{name:<26} {path:>11.1} {baseline:>11.1} {:>7.2}   {:<12} {:>10.2} {:>10.2}",
             path / baseline,
-            percentile(&ratios, 0),
-            percentile(&ratios, 100),
+            format!(
+                "{:.2}-{:.2}",
+                percentile(&ratios, 0),
+                percentile(&ratios, 100)
+            ),
+            self.path_cpu * 1000.0 / mib,
+            self.baseline_cpu * 1000.0 / mib,
         )
     }
 }
@@ -126,7 +207,10 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
+        let cpu = CpuMeter::new(&[]);
         let result = rt.block_on(Throughput::compare(
+            &cpu,
+            1024 * 1024,
             || {
                 order.borrow_mut().push('p');
                 async { 50.0 }
@@ -139,6 +223,41 @@ mod tests {
         assert_eq!(order.borrow().iter().collect::<String>(), "pbpbpbpbpb");
         let row = result.row("x");
         assert!(row.contains(" 0.50 "), "{row}");
-        assert!(row.ends_with("0.50-0.50"), "{row}");
+        assert!(row.contains(" 0.50-0.50 "), "{row}");
+    }
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces() {
+        let stat = "42 (tokio rt) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 3 0";
+        assert_eq!(cpu_ticks(stat), 12);
+    }
+
+    #[test]
+    fn cpu_meter_counts_work_done_by_this_process() {
+        fn thread_cpu_seconds() -> f64 {
+            let mut now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes into the timespec it is given.
+            assert_eq!(
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) },
+                0
+            );
+            now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+        }
+        let cpu = CpuMeter::new(&[]);
+        let before = cpu.seconds();
+        let spin_start = thread_cpu_seconds();
+        let mut x = 1u64;
+        while thread_cpu_seconds() - spin_start < 0.2 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let used = cpu.seconds() - before;
+        // One clock tick of slack: the meter counts in ticks.
+        assert!(
+            used >= 0.18,
+            "0.2 s of this thread's CPU counted as {used} s"
+        );
     }
 }

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use p2p_usb_common::codec::{READ_BUFFER_CAPACITY, write_all_vectored};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
@@ -111,7 +112,10 @@ pub async fn import(server: SocketAddr, busid: &str) -> Result<Imported, UsbipCl
         ImportReply::Device(device) => device,
         ImportReply::Refused(status) => return Err(UsbipClientError::Refused(status)),
     };
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    // Buffered as vhci_hcd reads in the kernel: a header and its payload do
+    // not cost a system call each.
+    let mut reader = BufReader::with_capacity(READ_BUFFER_CAPACITY, reader);
     let waiters: Arc<Mutex<HashMap<u32, Waiter>>> = Arc::default();
     let table = waiters.clone();
     tokio::spawn(async move {
@@ -129,18 +133,18 @@ pub async fn import(server: SocketAddr, busid: &str) -> Result<Imported, UsbipCl
                     } else {
                         0
                     };
-                    let mut data = BytesMut::zeroed(length);
                     let mut iso = vec![0u8; iso_descriptors_len(ret.number_of_packets)];
-                    if reader.read_exact(&mut data).await.is_err()
-                        || reader.read_exact(&mut iso).await.is_err()
-                    {
+                    let Ok(data) = read_payload(&mut reader, length).await else {
+                        return;
+                    };
+                    if reader.read_exact(&mut iso).await.is_err() {
                         return;
                     }
                     if let Some(Waiter::Submit { tx, .. }) = waiter {
                         let _ = tx.send(UrbResult {
                             status: ret.status,
                             actual_length: ret.actual_length.max(0) as usize,
-                            data: data.freeze(),
+                            data,
                         });
                     }
                 }
@@ -161,6 +165,21 @@ pub async fn import(server: SocketAddr, busid: &str) -> Result<Imported, UsbipCl
         waiters,
         next_seqnum: AtomicU32::new(1),
     })
+}
+
+/// Reads `length` payload bytes without zeroing a buffer first.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    length: usize,
+) -> std::io::Result<Bytes> {
+    let mut data = BytesMut::with_capacity(length);
+    while data.len() < length {
+        let wanted = (length - data.len()) as u64;
+        if (&mut *reader).take(wanted).read_buf(&mut data).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(data.freeze())
 }
 
 impl Imported {
@@ -203,9 +222,12 @@ impl Imported {
             interval: 0,
             setup,
         };
-        let mut writer = self.writer.lock().await;
-        writer.write_all(&UrbHeader::Submit(cmd).encode()).await?;
-        writer.write_all(&payload).await?;
+        // Header and payload in one write, as vhci_hcd sends a URB.
+        let mut pieces = vec![
+            Bytes::copy_from_slice(&UrbHeader::Submit(cmd).encode()),
+            payload,
+        ];
+        write_all_vectored(&mut *self.writer.lock().await, &mut pieces).await?;
         Ok((seqnum, async move {
             rx.await.map_err(|_| UsbipClientError::Closed)
         }))
