@@ -28,6 +28,7 @@ pub fn percentile(samples: &[f64], p: usize) -> f64 {
 /// and the binaries it drives.
 pub struct CpuMeter {
     pids: Vec<u32>,
+    ticks_per_second: f64,
 }
 
 impl CpuMeter {
@@ -35,13 +36,16 @@ impl CpuMeter {
     pub fn new(others: &[u32]) -> CpuMeter {
         let mut pids = vec![std::process::id()];
         pids.extend_from_slice(others);
-        CpuMeter { pids }
+        // SAFETY: sysconf only reads a system constant.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        CpuMeter {
+            pids,
+            ticks_per_second,
+        }
     }
 
     /// CPU seconds all of them have used so far (threads that ended count).
     pub fn seconds(&self) -> f64 {
-        // SAFETY: sysconf only reads a system constant.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         self.pids
             .iter()
             .map(|pid| {
@@ -50,7 +54,7 @@ impl CpuMeter {
                 cpu_ticks(&stat)
             })
             .sum::<u64>() as f64
-            / ticks_per_second
+            / self.ticks_per_second
     }
 }
 

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use p2p_usb_common::codec::{READ_BUFFER_CAPACITY, write_all_vectored};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
@@ -20,6 +20,7 @@ use super::proto::{
     USBIP_DIR_IN, USBIP_DIR_OUT, UrbHeader, UsbDevice, decode_devlist, encode_import_request,
     iso_descriptors_len,
 };
+use super::read_payload;
 
 /// Failures of the USB/IP client.
 #[derive(Debug, thiserror::Error)]
@@ -165,21 +166,6 @@ pub async fn import(server: SocketAddr, busid: &str) -> Result<Imported, UsbipCl
         waiters,
         next_seqnum: AtomicU32::new(1),
     })
-}
-
-/// Reads `length` payload bytes without zeroing a buffer first.
-async fn read_payload<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    length: usize,
-) -> std::io::Result<Bytes> {
-    let mut data = BytesMut::with_capacity(length);
-    while data.len() < length {
-        let wanted = (length - data.len()) as u64;
-        if (&mut *reader).take(wanted).read_buf(&mut data).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(data.freeze())
 }
 
 impl Imported {

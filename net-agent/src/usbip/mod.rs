@@ -7,7 +7,9 @@ pub mod gateway;
 pub mod proto;
 pub mod urbs;
 
+use bytes::{Bytes, BytesMut};
 use p2p_usb_common::proto::{DeviceInfo, Speed};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use proto::{DevlistEntry, USB_SPEED_SUPER, UsbDevice, UsbInterface};
 
@@ -63,4 +65,20 @@ pub fn devlist_entry(device: &DeviceInfo, server: &str) -> DevlistEntry {
         device: usbip_device(device, server),
         interfaces,
     }
+}
+
+/// Reads a URB's `length` payload bytes, without zeroing a buffer first:
+/// shared by the URB engine (OUT data) and the client (IN data).
+pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    length: usize,
+) -> std::io::Result<Bytes> {
+    let mut data = BytesMut::with_capacity(length);
+    while data.len() < length {
+        let wanted = (length - data.len()) as u64;
+        if (&mut *reader).take(wanted).read_buf(&mut data).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(data.freeze())
 }

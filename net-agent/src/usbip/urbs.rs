@@ -29,6 +29,7 @@ use super::proto::{
     RetUnlink, URB_HEADER_LEN, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN, UrbHeader,
     data_len_out, endpoint_address, iso_descriptors_len,
 };
+use super::read_payload;
 
 /// The device a USB/IP connection drives: an open handle on a session.
 pub struct RemoteDevice {
@@ -244,9 +245,7 @@ async fn read_submit_payload<R: AsyncRead + Unpin>(
 ) -> Result<(Bytes, Vec<IsoPacketDescriptor>), EndReason> {
     let protocol = |e: ProtocolError| EndReason::Protocol(e.to_string());
     let out_len = data_len_out(cmd, MAX_TRANSFER_LEN as usize).map_err(protocol)?;
-    let mut data = BytesMut::zeroed(out_len);
-    reader
-        .read_exact(&mut data)
+    let data = read_payload(reader, out_len)
         .await
         .map_err(|_| EndReason::ClientClosed)?;
     let iso_len = iso_descriptors_len(cmd.number_of_packets);
@@ -266,7 +265,7 @@ async fn read_submit_payload<R: AsyncRead + Unpin>(
         .map(IsoPacketDescriptor::decode)
         .collect::<Result<Vec<_>, _>>()
         .map_err(protocol)?;
-    Ok((data.freeze(), iso))
+    Ok((data, iso))
 }
 
 /// The transfer a CMD_SUBMIT asks for, or the reply that refuses it.
