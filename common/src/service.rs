@@ -1,6 +1,6 @@
 //! Service-manager glue shared by both daemons: sd-notify state, a watchdog
 //! that only pings while the main loop proves it is alive, socket activation,
-//! and the stop signals.
+//! the stop signals, and the runtime every binary runs on.
 //!
 //! Outside systemd (no `NOTIFY_SOCKET`, no `WATCHDOG_USEC`, no `LISTEN_FDS`)
 //! everything here is a no-op, so the same binaries run by hand.
@@ -15,6 +15,16 @@ use std::time::Duration;
 use nix::sys::socket::{SockType, getsockopt, sockopt};
 use sd_notify::NotifyState;
 use tokio::sync::{mpsc, oneshot};
+
+/// The runtime each of the binaries runs on, built in one place so they
+/// agree. Two workers: the daemons spend most of their time waiting on
+/// sockets, and more threads only add hand-offs between them.
+pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
 
 /// Tells the service manager start-up is complete.
 pub fn notify_ready(status: &str) {

@@ -117,6 +117,18 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
+    /// Changes the record of `client`, creating it on first use: the
+    /// connection and each of its sessions add to the same record.
+    pub(crate) fn update_client(&self, client: EndpointId, update: impl FnOnce(&mut ClientRecord)) {
+        update(
+            self.clients
+                .lock()
+                .expect("clients lock")
+                .entry(client)
+                .or_default(),
+        );
+    }
+
     fn status_line(&self) -> String {
         let helper = self.helper.borrow().clone();
         let shared = helper
@@ -395,13 +407,7 @@ async fn serve_connection(agent: Arc<Agent>, connection: Connection, address: St
         return;
     }
     tracing::info!(client = %client, "client connected from {address}");
-    agent
-        .clients
-        .lock()
-        .expect("clients lock")
-        .entry(client)
-        .or_default()
-        .address = address;
+    agent.update_client(client, |record| record.address = address);
     let mut policy = agent.policy.subscribe();
     let stop = agent.shutdown.child_token();
     let mut sessions = tokio::task::JoinSet::new();

@@ -132,7 +132,7 @@ pub async fn run(
         let reason = urbs::serve(
             stream,
             RemoteDevice {
-                session: session.clone(),
+                session,
                 events,
                 handle,
                 key: key.clone(),
@@ -140,7 +140,6 @@ pub async fn run(
             stop.child_token(),
         )
         .await;
-        session.close();
         if let Some(record) = record {
             let _ = std::fs::remove_file(record);
         }

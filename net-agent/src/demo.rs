@@ -176,18 +176,17 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     )?);
     let server = step("reading the ticket", net::parse_server(&ticket))?;
     let remote = Arc::new(Remote::new(client.clone(), server));
-    let listener = step(
-        "binding the USB/IP gateway",
-        tokio::net::TcpListener::bind("127.0.0.1:0").await,
-    )?;
-    let gateway_addr = step("binding the USB/IP gateway", listener.local_addr())?;
     let stop = CancellationToken::new();
-    tokio::spawn(gateway::serve(
-        listener,
-        remote,
-        AccessList::default(),
-        stop.clone(),
-    ));
+    let (gateway_addr, _) = step(
+        "binding the USB/IP gateway",
+        gateway::start(
+            ([127, 0, 0, 1], 0).into(),
+            remote,
+            AccessList::default(),
+            stop.clone(),
+        )
+        .await,
+    )?;
     eprintln!("  client {client_id} connected through the USB/IP gateway on {gateway_addr}");
 
     let report = drive(gateway_addr, options).await;

@@ -109,13 +109,7 @@ pub(crate) async fn run(
             return finish(to_client).await;
         }
     };
-    agent
-        .clients
-        .lock()
-        .expect("clients lock")
-        .entry(client)
-        .or_default()
-        .sessions += 1;
+    agent.update_client(client, |record| record.sessions += 1);
     tracing::debug!(client = %client, "session started");
 
     let state = Arc::new(Mutex::new(SessionState {

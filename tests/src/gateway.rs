@@ -44,15 +44,15 @@ impl GatewayUnderTest {
             client,
             p2p_usb_agent::net::parse_server(&server.ticket().await).unwrap(),
         ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let gateway = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(gateway::serve(
-            listener,
+        let (gateway, _) = gateway::start(
+            ([127, 0, 0, 1], 0).into(),
             remote,
             AccessList::default(),
             stop.clone(),
-        ));
+        )
+        .await
+        .unwrap();
         GatewayUnderTest {
             server,
             gateway,

@@ -88,11 +88,7 @@ pub fn run(options: HelperOptions) -> Result<(), HelperError> {
         );
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(HelperError::Runtime)?;
+    let runtime = service::runtime().map_err(HelperError::Runtime)?;
     runtime.block_on(async {
         let listener = match service::activated_unix_listener("helper")? {
             Some(listener) => {

@@ -86,11 +86,7 @@ fn main() {
         args.state_dir,
         args.control_socket,
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match p2p_usb_common::service::runtime() {
         Ok(runtime) => runtime,
         Err(e) => exit::fail(PROGRAM, format!("cannot start the runtime: {e}"), exit::OS),
     };

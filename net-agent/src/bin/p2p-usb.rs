@@ -57,11 +57,7 @@ enum Command {
 fn main() {
     p2p_usb_common::memory::reuse_freed_buffers();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match p2p_usb_common::service::runtime() {
         Ok(runtime) => runtime,
         Err(e) => exit::fail(PROGRAM, format!("cannot start the runtime: {e}"), exit::OS),
     };
@@ -129,37 +125,13 @@ async fn run(args: Args) -> i32 {
             }
         }
         Command::ServeUsbip { server, listen } => {
-            let server = match client.resolve(&server) {
-                Ok(server) => server,
-                Err(e) => return fail(&e, client_code(&e)),
-            };
-            let listen = listen.unwrap_or(gateway_listen);
-            if !listen.ip().is_loopback() {
-                tracing::warn!(
-                    "the USB/IP gateway listens on {listen}, which is not loopback: the peer-user check only works for local connections, so remote hosts will be refused"
-                );
-            }
-            let listener = match tokio::net::TcpListener::bind(listen).await {
-                Ok(listener) => listener,
-                Err(e) => return fail(format!("cannot listen on {listen}: {e}"), exit::OS),
-            };
-            println!(
-                "serving USB/IP for {} on {listen}; attach with: usbip attach -r {} -b BUSID",
-                server.id,
-                listen.ip()
-            );
-            let stop = CancellationToken::new();
-            let remote = Arc::new(Remote::new(client.clone(), server));
-            let serving = tokio::spawn(gateway::serve(
-                listener,
-                remote,
+            serve_usbip(
+                &client,
+                &server,
+                listen.unwrap_or(gateway_listen),
                 gateway_users,
-                stop.clone(),
-            ));
-            p2p_usb_common::service::stop_signal().await;
-            stop.cancel();
-            let _ = serving.await;
-            exit::OK
+            )
+            .await
         }
         Command::Detach { .. } | Command::Status | Command::Demo { .. } => {
             unreachable!("handled above")
@@ -169,6 +141,38 @@ async fn run(args: Args) -> i32 {
         client.shutdown().await;
     }
     code
+}
+
+async fn serve_usbip(
+    client: &Arc<Client>,
+    server: &str,
+    listen: SocketAddr,
+    users: AccessList,
+) -> i32 {
+    let server = match client.resolve(server) {
+        Ok(server) => server,
+        Err(e) => return fail(&e, client_code(&e)),
+    };
+    if !listen.ip().is_loopback() {
+        tracing::warn!(
+            "the USB/IP gateway listens on {listen}, which is not loopback: the peer-user check only works for local connections, so remote hosts will be refused"
+        );
+    }
+    let stop = CancellationToken::new();
+    let id = server.id;
+    let remote = Arc::new(Remote::new(client.clone(), server));
+    let (bound, serving) = match gateway::start(listen, remote, users, stop.clone()).await {
+        Ok(started) => started,
+        Err(e) => return fail(format!("cannot listen on {listen}: {e}"), exit::OS),
+    };
+    println!(
+        "serving USB/IP for {id} on {bound}; attach with: usbip attach -r {} -b BUSID",
+        bound.ip()
+    );
+    p2p_usb_common::service::stop_signal().await;
+    stop.cancel();
+    let _ = serving.await;
+    exit::OK
 }
 
 async fn list(client: &Client, server: &str) -> i32 {

@@ -13,6 +13,7 @@ use p2p_usb_common::proto::{Reply, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::proto::{
@@ -83,9 +84,21 @@ impl Remote {
     }
 }
 
-/// Serves USB/IP on `listener` until `stop` fires. `allowed` lists local
-/// users besides root and the gateway's own user.
-pub async fn serve(
+/// Binds `listen` and serves USB/IP there in the background until `stop`
+/// fires. `allowed` lists local users besides root and the gateway's own
+/// user. Returns the bound address (port 0 picks a free one) and the task.
+pub async fn start(
+    listen: SocketAddr,
+    remote: Arc<Remote>,
+    allowed: AccessList,
+    stop: CancellationToken,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(listen).await?;
+    let bound = listener.local_addr()?;
+    Ok((bound, tokio::spawn(serve(listener, remote, allowed, stop))))
+}
+
+async fn serve(
     listener: TcpListener,
     remote: Arc<Remote>,
     mut allowed: AccessList,
@@ -239,7 +252,7 @@ async fn import(
     let reason = urbs::serve(
         stream,
         RemoteDevice {
-            session: session.clone(),
+            session,
             events,
             handle,
             key: device.key.clone(),
@@ -247,7 +260,6 @@ async fn import(
         stop,
     )
     .await;
-    session.close();
     tracing::info!(device = %device.key, "USB/IP import ended: {reason}");
     Ok(())
 }

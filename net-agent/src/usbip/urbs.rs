@@ -88,7 +88,8 @@ struct Outgoing {
 
 type Replies = mpsc::UnboundedSender<(RequestId, Result<Reply, UsbError>)>;
 
-/// Serves URBs for `device` on `stream` until one side ends or `stop` fires.
+/// Serves URBs for `device` on `stream` until one side ends or `stop` fires,
+/// then closes the device's session: it served this stream alone.
 pub async fn serve<S>(stream: S, mut device: RemoteDevice, stop: CancellationToken) -> EndReason
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -159,6 +160,7 @@ where
     };
     reader_task.abort();
     let _ = writer.shutdown().await;
+    device.session.close();
     reason
 }
 
