@@ -57,37 +57,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-PREFIX=${PREFIX%/}
-[ -n "$PREFIX" ] || PREFIX=/usr
-DESTDIR=${DESTDIR%/}
-
-BINDIR=$PREFIX/bin
-if [ "$PREFIX" = /usr ]; then
-    LIBBASE=/usr/lib
-else
-    LIBBASE=/etc
-fi
-if [ "$LIBBASE" = /etc ]; then
-    UNITDIR=${UNITDIR:-/etc/systemd/system}
-else
-    UNITDIR=${UNITDIR:-/usr/lib/systemd/system}
-fi
-UDEVRULESDIR=${UDEVRULESDIR:-$LIBBASE/udev/rules.d}
-SYSUSERSDIR=${SYSUSERSDIR:-$LIBBASE/sysusers.d}
-TMPFILESDIR=${TMPFILESDIR:-$LIBBASE/tmpfiles.d}
-MODULESLOADDIR=${MODULESLOADDIR:-$LIBBASE/modules-load.d}
-DOCDIR=${DOCDIR:-$PREFIX/share/doc/p2p-usb}
-CONFDIR=/etc/p2p-usb
-
-SERVER_BINS=(p2p-usb-helper p2p-usb-agent)
-CLIENT_BINS=(p2p-usb)
-SERVER_UNITS=(
-    p2p-usb-server.target p2p-usb-helper.socket p2p-usb-helper.service p2p-usb-agent.service
-    p2p-usb-server@.target p2p-usb-helper@.socket p2p-usb-helper@.service p2p-usb-agent@.service
-)
-
-LIVE=0
-[ -z "$DESTDIR" ] && LIVE=1
+# shellcheck source=scripts/install-layout.sh
+. "$REPO/scripts/install-layout.sh"
 SYSTEMD_RUNNING=0
 [ -d /run/systemd/system ] && SYSTEMD_RUNNING=1
 
@@ -95,8 +66,6 @@ SYSTEMD_RUNNING=0
 OWNER=()
 [ "$(id -u)" -eq 0 ] && OWNER=(-o root -g root)
 
-say() { printf '%s\n' "$*"; }
-warn() { printf 'warning: %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 if [ "$LIVE" -eq 1 ] && [ "$(id -u)" -ne 0 ]; then

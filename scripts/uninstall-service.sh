@@ -43,31 +43,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-PREFIX=${PREFIX%/}
-[ -n "$PREFIX" ] || PREFIX=/usr
-DESTDIR=${DESTDIR%/}
-BINDIR=$PREFIX/bin
-if [ "$PREFIX" = /usr ]; then LIBBASE=/usr/lib; else LIBBASE=/etc; fi
-if [ "$LIBBASE" = /etc ]; then
-    UNITDIR=${UNITDIR:-/etc/systemd/system}
-else
-    UNITDIR=${UNITDIR:-/usr/lib/systemd/system}
-fi
-UDEVRULESDIR=${UDEVRULESDIR:-$LIBBASE/udev/rules.d}
-SYSUSERSDIR=${SYSUSERSDIR:-$LIBBASE/sysusers.d}
-TMPFILESDIR=${TMPFILESDIR:-$LIBBASE/tmpfiles.d}
-MODULESLOADDIR=${MODULESLOADDIR:-$LIBBASE/modules-load.d}
-DOCDIR=${DOCDIR:-$PREFIX/share/doc/p2p-usb}
-
-SERVER_UNITS=(
-    p2p-usb-server.target p2p-usb-helper.socket p2p-usb-helper.service p2p-usb-agent.service
-    p2p-usb-server@.target p2p-usb-helper@.socket p2p-usb-helper@.service p2p-usb-agent@.service
-)
-
-LIVE=0
-[ -z "$DESTDIR" ] && LIVE=1
-say() { printf '%s\n' "$*"; }
-warn() { printf 'warning: %s\n' "$*" >&2; }
+# shellcheck source=scripts/install-layout.sh
+. "$(dirname "${BASH_SOURCE[0]}")/install-layout.sh"
 
 if [ "$LIVE" -eq 1 ] && [ "$(id -u)" -ne 0 ]; then
     echo "error: needs root (run with sudo), or set DESTDIR" >&2
@@ -110,13 +87,14 @@ fi
 # --- files ----------------------------------------------------------------
 if [ "$ROLE_SERVER" -eq 1 ]; then
     for u in "${SERVER_UNITS[@]}"; do rmf "$UNITDIR/$u"; done
-    rmf "$BINDIR/p2p-usb-helper" "$BINDIR/p2p-usb-agent" \
-        "$UDEVRULESDIR/70-p2p-usb-helper.rules" \
+    for b in "${SERVER_BINS[@]}"; do rmf "$BINDIR/$b"; done
+    rmf "$UDEVRULESDIR/70-p2p-usb-helper.rules" \
         "$SYSUSERSDIR/p2p-usb-server.conf" "$TMPFILESDIR/p2p-usb.conf" \
         "$DOCDIR/examples/server.toml" "$DOCDIR/examples/69-p2p-usb-scope.rules.example"
 fi
 if [ "$ROLE_CLIENT" -eq 1 ]; then
-    rmf "$BINDIR/p2p-usb" "$UDEVRULESDIR/70-p2p-usb-vhci.rules" \
+    for b in "${CLIENT_BINS[@]}"; do rmf "$BINDIR/$b"; done
+    rmf "$UDEVRULESDIR/70-p2p-usb-vhci.rules" \
         "$SYSUSERSDIR/p2p-usb-client.conf" "$MODULESLOADDIR/p2p-usb-vhci.conf" \
         "$DOCDIR/examples/client.toml"
 fi
@@ -128,14 +106,14 @@ fi
 if [ "$PURGE" -eq 1 ]; then
     if [ "$ROLE_SERVER" -eq 1 ]; then
         rm -rf "$DESTDIR/var/lib/p2p-usb" "$DESTDIR/run/p2p-usb" "$DESTDIR/run/p2p-usb-agent"
-        rm -f "$DESTDIR"/etc/p2p-usb/server.toml "$DESTDIR"/etc/p2p-usb/server-*.toml
+        rm -f "$DESTDIR$CONFDIR"/server.toml "$DESTDIR$CONFDIR"/server-*.toml
         say "  purged    /var/lib/p2p-usb (identity key, approvals) and /etc/p2p-usb/server*.toml"
     fi
     if [ "$ROLE_CLIENT" -eq 1 ]; then
-        rm -f "$DESTDIR/etc/p2p-usb/client.toml"
+        rm -f "$DESTDIR$CONFDIR/client.toml"
         say "  purged    /etc/p2p-usb/client.toml (per-user ~/.config/p2p-usb and keys are left alone)"
     fi
-    rmdir "$DESTDIR/etc/p2p-usb" 2>/dev/null || true
+    rmdir "$DESTDIR$CONFDIR" 2>/dev/null || true
 fi
 
 # --- reload ---------------------------------------------------------------
