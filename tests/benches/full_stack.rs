@@ -6,18 +6,20 @@
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p p2p-usb-tests --bench full_stack`
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use iroh::endpoint::presets;
+use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
 use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
 use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
 use p2p_usb_common::gadget::zero;
 use p2p_usb_tests::gateway::{GatewayUnderTest, import_raw, set_configuration};
-use p2p_usb_tests::measure::{CpuMeter, ROUNDS, RoundTrips, Throughput, mib_per_s};
+use p2p_usb_tests::measure::{
+    CpuMeter, ROUNDS, RoundTrips, Throughput, keep_in_flight, mib_per_s, print_bulk_rows,
+    two_worker_runtime,
+};
 
 /// Bytes moved per round of a bulk measurement.
 const BULK_BYTES: usize = 64 * 1024 * 1024;
@@ -27,11 +29,7 @@ const ALPN: &[u8] = b"bench/echo";
 
 fn main() {
     p2p_usb_common::memory::reuse_freed_buffers();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_worker_runtime();
     rt.block_on(async {
         let setup = GatewayUnderTest::start().await;
         let gateway_addr = setup.gateway;
@@ -50,22 +48,14 @@ fn main() {
         );
         println!("{}", Throughput::header("stack", "iroh"));
         let (imported, echo, cpu) = (&device, &echo, &cpu);
-        for depth in [8usize, 32] {
-            for size in [16 * 1024usize, 64 * 1024] {
-                set_configuration(imported, zero::CONFIG_LOOPBACK).await;
-                let result = Throughput::compare(
-                    cpu,
-                    BULK_BYTES,
-                    move || bulk_stack(imported, depth, size),
-                    move || echo.bulk(depth, size),
-                )
-                .await;
-                println!(
-                    "{}",
-                    result.row(&format!("{depth} x {} KiB in flight", size / 1024))
-                );
-            }
-        }
+        print_bulk_rows(
+            cpu,
+            BULK_BYTES,
+            async || set_configuration(imported, zero::CONFIG_LOOPBACK).await,
+            move |depth, size| bulk_stack(imported, depth, size),
+            move |depth, size| echo.bulk(depth, size),
+        )
+        .await;
         let rss = |pid: u32| vm_hwm(&format!("/proc/{pid}/status"));
         let helper_rss = rss(setup.server.helper.child.id());
         let agent_rss = rss(setup.server.agent.as_ref().unwrap().child.id());
@@ -76,10 +66,7 @@ fn main() {
         let busid = busid.as_str();
         let result =
             RoundTrips::compare(move || rtt_stack(gateway_addr, busid), move || echo.rtt()).await;
-        println!(
-            "{:<26} {:>11} {:>11} {:>7}",
-            "64-byte round trip", "stack", "iroh", "ratio"
-        );
+        println!("{}", RoundTrips::header("stack", "iroh"));
         for row in result.rows() {
             println!("{row}");
         }
@@ -101,28 +88,26 @@ fn vm_hwm(path: &str) -> u64 {
 async fn bulk_stack(device: &Imported, depth: usize, size: usize) -> f64 {
     let payload = Bytes::from(vec![0x5a; size]);
     let rounds = BULK_BYTES / size;
-    let mut window = VecDeque::new();
     let started = Instant::now();
-    for _ in 0..rounds {
-        if window.len() == depth {
-            let (w, r): (_, _) = window.pop_front().unwrap();
-            check(w, r, size).await;
-        }
-        let w = device
-            .submit(zero::EP_OUT, [0; 8], UrbData::Out(payload.clone()), 0)
-            .await
-            .unwrap()
-            .1;
-        let r = device
-            .submit(zero::EP_IN, [0; 8], UrbData::In(size as u32), 0)
-            .await
-            .unwrap()
-            .1;
-        window.push_back((w, r));
-    }
-    while let Some((w, r)) = window.pop_front() {
-        check(w, r, size).await;
-    }
+    keep_in_flight(
+        rounds,
+        depth,
+        async || {
+            let w = device
+                .submit(zero::EP_OUT, [0; 8], UrbData::Out(payload.clone()), 0)
+                .await
+                .unwrap()
+                .1;
+            let r = device
+                .submit(zero::EP_IN, [0; 8], UrbData::In(size as u32), 0)
+                .await
+                .unwrap()
+                .1;
+            (w, r)
+        },
+        |(w, r)| check(w, r, size),
+    )
+    .await;
     mib_per_s(rounds * size, started.elapsed())
 }
 
@@ -177,11 +162,7 @@ impl EchoPeer {
     async fn start() -> EchoPeer {
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = two_worker_runtime();
             rt.block_on(async move {
                 let server = endpoint(true).await;
                 let addr = EndpointAddr::new(server.id()).with_ip_addr(server.bound_sockets()[0]);
@@ -212,13 +193,20 @@ impl EchoPeer {
         }
     }
 
-    async fn bulk(&self, depth: usize, size: usize) -> f64 {
+    /// A new connection to the echoing endpoint and a stream on it, which
+    /// each measurement opens before it starts the clock.
+    async fn open(&self) -> (Connection, SendStream, RecvStream) {
         let connection = self
             .client
             .connect(self.server.clone(), ALPN)
             .await
             .unwrap();
-        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        let (send, recv) = connection.open_bi().await.unwrap();
+        (connection, send, recv)
+    }
+
+    async fn bulk(&self, depth: usize, size: usize) -> f64 {
+        let (connection, mut send, mut recv) = self.open().await;
         let rounds = BULK_BYTES / size;
         let credits = Arc::new(tokio::sync::Semaphore::new(depth));
         let started = Instant::now();
@@ -244,12 +232,7 @@ impl EchoPeer {
     }
 
     async fn rtt(&self) -> Vec<f64> {
-        let connection = self
-            .client
-            .connect(self.server.clone(), ALPN)
-            .await
-            .unwrap();
-        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        let (connection, mut send, mut recv) = self.open().await;
         let mut buf = [0u8; 64];
         let mut samples = Vec::with_capacity(RTT_ROUNDS);
         for _ in 0..RTT_ROUNDS {

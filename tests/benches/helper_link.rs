@@ -4,13 +4,15 @@
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p p2p-usb-tests --bench helper_link`
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use p2p_usb_common::link::LinkClient;
 use p2p_usb_helper::sim::zero;
-use p2p_usb_tests::measure::{CpuMeter, ROUNDS, RoundTrips, Throughput, mib_per_s};
+use p2p_usb_tests::measure::{
+    CpuMeter, ROUNDS, RoundTrips, Throughput, keep_in_flight, mib_per_s, print_bulk_rows,
+    two_worker_runtime,
+};
 use p2p_usb_tests::usb::{self, input, out, transfer};
 use p2p_usb_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,11 +37,7 @@ fn main() {
     let cpu = CpuMeter::new(&[helper.child.id()]);
     wait_for_path(&socket, Duration::from_secs(10));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_worker_runtime();
     rt.block_on(async {
         let (link, _events) = usb::connect(&socket).await;
         let zero_key = usb::find(&link, 0x0525, 0xa4a0).await.key;
@@ -51,34 +49,25 @@ fn main() {
         );
         println!("{}", Throughput::header("helper", "raw"));
         let (link, echo, cpu) = (&link, echo.as_path(), &cpu);
-        for depth in [8usize, 32] {
-            for size in [16 * 1024usize, 64 * 1024] {
+        print_bulk_rows(
+            cpu,
+            BULK_BYTES,
+            async || {
                 usb::set_configuration(link, handle, zero::CONFIG_LOOPBACK)
                     .await
                     .unwrap();
-                let result = Throughput::compare(
-                    cpu,
-                    BULK_BYTES,
-                    move || bulk_helper(link, handle, depth, size),
-                    move || bulk_echo(echo, depth, size),
-                )
-                .await;
-                println!(
-                    "{}",
-                    result.row(&format!("{depth} x {} KiB in flight", size / 1024))
-                );
-            }
-        }
+            },
+            move |depth, size| bulk_helper(link, handle, depth, size),
+            move |depth, size| bulk_echo(echo, depth, size),
+        )
+        .await;
 
         usb::set_configuration(link, handle, zero::CONFIG_SOURCE_SINK)
             .await
             .unwrap();
         let result =
             RoundTrips::compare(move || rtt_helper(link, handle), move || rtt_echo(echo)).await;
-        println!(
-            "{:<26} {:>11} {:>11} {:>7}",
-            "64-byte round trip", "helper", "raw", "ratio"
-        );
+        println!("{}", RoundTrips::header("helper", "raw"));
         for row in result.rows() {
             println!("{row}");
         }
@@ -90,29 +79,26 @@ fn main() {
 async fn bulk_helper(link: &LinkClient, handle: u32, depth: usize, size: usize) -> f64 {
     let payload = Bytes::from(vec![0x5a; size]);
     let rounds = BULK_BYTES / size;
-    let mut window = VecDeque::new();
     let started = Instant::now();
-    for _ in 0..rounds {
-        if window.len() == depth {
-            let (w, r): (_, _) = window.pop_front().unwrap();
-            check_pair(w, r, size).await;
-        }
-        // The pair leaves in one write, as a client with both at hand sends them.
-        let mut pair = usb::start_all(
-            link,
-            vec![
-                transfer(handle, zero::EP_OUT, out(payload.clone())),
-                transfer(handle, zero::EP_IN, input(size as u32)),
-            ],
-        )
-        .await
-        .into_iter();
-        let (w, r) = (pair.next().unwrap(), pair.next().unwrap());
-        window.push_back((w, r));
-    }
-    while let Some((w, r)) = window.pop_front() {
-        check_pair(w, r, size).await;
-    }
+    keep_in_flight(
+        rounds,
+        depth,
+        async || {
+            // The pair leaves in one write, as a client with both at hand sends them.
+            let mut pair = usb::start_all(
+                link,
+                vec![
+                    transfer(handle, zero::EP_OUT, out(payload.clone())),
+                    transfer(handle, zero::EP_IN, input(size as u32)),
+                ],
+            )
+            .await
+            .into_iter();
+            (pair.next().unwrap(), pair.next().unwrap())
+        },
+        |(w, r)| check_pair(w, r, size),
+    )
+    .await;
     mib_per_s(rounds * size, started.elapsed())
 }
 
@@ -148,11 +134,7 @@ async fn spawn_echo_server(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("echo.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = two_worker_runtime();
         rt.block_on(async move {
             listener.set_nonblocking(true).unwrap();
             let listener = tokio::net::UnixListener::from_std(listener).unwrap();

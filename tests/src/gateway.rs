@@ -17,7 +17,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::{Network, ServerUnderTest, start_client};
+use crate::server::{ServerUnderTest, start_with_approved_client};
 
 /// The whole stack up to a USB/IP gateway; the gateway stops when this drops.
 pub struct GatewayUnderTest {
@@ -34,16 +34,8 @@ impl GatewayUnderTest {
     /// and that client's gateway on a free loopback port.
     pub async fn start() -> GatewayUnderTest {
         let dir = tempfile::tempdir().unwrap();
-        let client = start_client(dir.path(), &Network::Loopback).await;
-        let server = ServerUnderTest::start(
-            &format!("approved_clients = [\"{}\"]", client.id()),
-            "auto_share = true",
-            Network::Loopback,
-        );
-        let remote = Arc::new(Remote::new(
-            client,
-            p2p_usb_agent::net::parse_server(&server.ticket().await).unwrap(),
-        ));
+        let (client, server) = start_with_approved_client(dir.path(), "auto_share = true").await;
+        let remote = Arc::new(Remote::new(client, server.addr().await));
         let stop = CancellationToken::new();
         let (gateway, _) = gateway::start(
             ([127, 0, 0, 1], 0).into(),

@@ -6,11 +6,44 @@
 //! less than throughput, and that says whether a path is short of CPU or
 //! waiting.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
 /// Rounds each side of a comparison runs, alternating.
 pub const ROUNDS: usize = 5;
+
+/// The runtime a benchmark and each echo peer it starts run on: two
+/// workers, the same for the measured path and for its baseline.
+pub fn two_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Keeps up to `depth` submissions in flight over `count` rounds: each
+/// round `submit`s one, after `settle`-ing the oldest when `depth` are out;
+/// the rest are settled at the end. The windowed bulk loop of the paths the
+/// benchmarks measure.
+pub async fn keep_in_flight<T>(
+    count: usize,
+    depth: usize,
+    mut submit: impl AsyncFnMut() -> T,
+    mut settle: impl AsyncFnMut(T),
+) {
+    let mut window = VecDeque::new();
+    for _ in 0..count {
+        if window.len() == depth {
+            settle(window.pop_front().unwrap()).await;
+        }
+        window.push_back(submit().await);
+    }
+    while let Some(oldest) = window.pop_front() {
+        settle(oldest).await;
+    }
+}
 
 /// MiB per second for `bytes` moved in `elapsed`.
 pub fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
@@ -150,6 +183,40 @@ impl Throughput {
     }
 }
 
+/// Runs the bulk comparison at every queue depth and transfer size and
+/// prints a [`Throughput::row`] for each: the table every benchmark prints,
+/// with the same rows in the same order. `prepare` runs before each
+/// comparison; `path` and `baseline` are given the depth and the size.
+pub async fn print_bulk_rows<P, PF, B, BF>(
+    cpu: &CpuMeter,
+    bytes_per_round: usize,
+    mut prepare: impl AsyncFnMut(),
+    path: P,
+    baseline: B,
+) where
+    P: Fn(usize, usize) -> PF,
+    PF: Future<Output = f64>,
+    B: Fn(usize, usize) -> BF,
+    BF: Future<Output = f64>,
+{
+    for depth in [8usize, 32] {
+        for size in [16 * 1024usize, 64 * 1024] {
+            prepare().await;
+            let result = Throughput::compare(
+                cpu,
+                bytes_per_round,
+                || path(depth, size),
+                || baseline(depth, size),
+            )
+            .await;
+            println!(
+                "{}",
+                result.row(&format!("{depth} x {} KiB in flight", size / 1024))
+            );
+        }
+    }
+}
+
 /// Round-trip samples (microseconds) of a path and of its baseline, taken in
 /// [`ROUNDS`] alternating blocks.
 pub struct RoundTrips {
@@ -175,6 +242,14 @@ impl RoundTrips {
             result.baseline.extend(baseline().await);
         }
         result
+    }
+
+    /// The header matching [`RoundTrips::rows`].
+    pub fn header(path: &str, baseline: &str) -> String {
+        format!(
+            "{:<26} {:>11} {:>11} {:>7}",
+            "64-byte round trip", path, baseline, "ratio"
+        )
     }
 
     /// Table rows for p50 and p99.
@@ -228,6 +303,26 @@ mod tests {
         let row = result.row("x");
         assert!(row.contains(" 0.50 "), "{row}");
         assert!(row.contains(" 0.50-0.50 "), "{row}");
+    }
+
+    #[test]
+    fn keep_in_flight_settles_the_oldest_once_the_window_is_full() {
+        let order = std::cell::RefCell::new(Vec::new());
+        let mut next = 0;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(keep_in_flight(
+            4,
+            2,
+            async || {
+                next += 1;
+                order.borrow_mut().push(format!("s{next}"));
+                next
+            },
+            async |n| order.borrow_mut().push(format!("d{n}")),
+        ));
+        assert_eq!(order.into_inner().join(" "), "s1 s2 d1 s3 d2 s4 d3 d4");
     }
 
     #[test]

@@ -6,8 +6,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use iroh::EndpointAddr;
 use p2p_usb_agent::client::Client;
 use p2p_usb_agent::control::{self, ControlReply, ControlRequest};
+use p2p_usb_agent::net;
 use p2p_usb_common::config::ConfigFile;
 
 use crate::{NotifySocket, Process, bin, is_root, unique, wait_for_path};
@@ -164,6 +166,11 @@ control_socket = "{control}"
         }
     }
 
+    /// The agent's address, from its ticket: what a client connects to.
+    pub async fn addr(&self) -> EndpointAddr {
+        net::parse_server(&self.ticket().await).expect("the agent's ticket parses")
+    }
+
     /// The agent's EndpointId.
     pub async fn id(&self) -> String {
         match self.control(ControlRequest::Status).await {
@@ -202,4 +209,18 @@ pub async fn start_client(dir: &Path, network: &Network) -> Arc<Client> {
     );
     let config = ConfigFile::parse(Path::new("client.toml"), text).expect("client config");
     Arc::new(Client::start(config).await.expect("client start"))
+}
+
+/// The `[security]` body that approves the client `id`.
+pub fn approving(id: impl std::fmt::Display) -> String {
+    format!("approved_clients = [\"{id}\"]")
+}
+
+/// An in-process client (its key in `dir`) and a server on loopback that
+/// approves it, with `usb` as the server's `[usb]` body: where most network
+/// tests and the USB/IP gateway begin.
+pub async fn start_with_approved_client(dir: &Path, usb: &str) -> (Arc<Client>, ServerUnderTest) {
+    let client = start_client(dir, &Network::Loopback).await;
+    let server = ServerUnderTest::start(&approving(client.id()), usb, Network::Loopback);
+    (client, server)
 }

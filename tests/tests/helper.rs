@@ -4,21 +4,64 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nix::sys::signal::Signal;
+use p2p_usb_common::link::LinkClient;
 use p2p_usb_common::proto::{
-    Event, Message, Reply, Request, SetupPacket, TransferData, UsbError, std_request,
+    DeviceInfo, Event, Handle, Message, Reply, Request, SetupPacket, TransferData, UsbError,
+    std_request,
 };
 use p2p_usb_helper::sim::{keyboard, zero};
 use p2p_usb_tests::usb::{self, control, input, out, transfer};
 use p2p_usb_tests::*;
 use rand::{Rng, RngCore};
+use tokio::sync::mpsc;
 
 const ZERO: (u16, u16) = (0x0525, 0xa4a0);
 const KEYBOARD: (u16, u16) = (0x0525, 0xa4ac);
+
+/// Runs `test` on a fresh runtime against a helper started the way systemd
+/// starts it ([`start_activated_helper`]), with one link connected to it:
+/// the setting most tests here share.
+fn with_helper_link(
+    extra_config: &str,
+    watchdog_usec: Option<u64>,
+    test: impl AsyncFnOnce(&HelperUnderTest, &LinkClient, &mut mpsc::Receiver<Event>),
+) {
+    let helper = start_activated_helper(extra_config, watchdog_usec);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (link, mut events) = usb::connect(&helper.socket).await;
+        test(&helper, &link, &mut events).await;
+    });
+}
+
+/// Finds the sim device `(vid, pid)` and opens it in the configuration it
+/// is in.
+async fn open_sim(link: &LinkClient, (vid, pid): (u16, u16)) -> (DeviceInfo, Handle) {
+    let device = usb::find(link, vid, pid).await;
+    let handle = usb::open(link, &device.key).await.unwrap();
+    (device, handle)
+}
+
+/// Sends a Gadget Zero vendor command that carries no data (`FREEZE`,
+/// `UNPLUG`, `STALL_ENDPOINT`); the device must accept it.
+async fn vendor_command(link: &LinkClient, handle: Handle, request: u8, value: u16) {
+    control(
+        link,
+        handle,
+        zero::control::VENDOR_OUT,
+        request,
+        value,
+        0,
+        out(Bytes::new()),
+    )
+    .await
+    .unwrap();
+}
 
 #[test]
 fn socket_activation_ready_status_watchdog_and_stopping() {
@@ -46,13 +89,9 @@ fn socket_activation_ready_status_watchdog_and_stopping() {
 
 #[test]
 fn status_line_counts_peers_and_open_devices() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
+    with_helper_link("", None, async |helper, link, _| {
         helper.notify.wait_for("READY=1", Duration::from_secs(10));
-        let kbd = usb::find(&link, KEYBOARD.0, KEYBOARD.1).await;
-        usb::open(&link, &kbd.key).await.unwrap();
+        open_sim(link, KEYBOARD).await;
         helper
             .notify
             .wait_for("STATUS=2 devices, 1 open, 1 peer", Duration::from_secs(5));
@@ -79,28 +118,14 @@ fn stopped_process_sends_no_watchdog_pings() {
 
 #[test]
 fn hung_usb_thread_withholds_watchdog_pings() {
-    let helper = start_activated_helper("", Some(1_000_000));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
+    with_helper_link("", Some(1_000_000), async |helper, link, _| {
         helper
             .notify
             .wait_for("WATCHDOG=1", Duration::from_secs(10));
-        let dev = usb::find(&link, ZERO.0, ZERO.1).await;
-        let handle = usb::open(&link, &dev.key).await.unwrap();
+        let (_, handle) = open_sim(link, ZERO).await;
         // The process stays up and its socket keeps answering, but the
         // simulated USB thread hangs for 4 s: no pings may go out meanwhile.
-        control(
-            &link,
-            handle,
-            zero::control::VENDOR_OUT,
-            zero::control::FREEZE,
-            4,
-            0,
-            out(Bytes::new()),
-        )
-        .await
-        .unwrap();
+        vendor_command(link, handle, zero::control::FREEZE, 4).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let frozen = Instant::now();
         tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -109,7 +134,7 @@ fn hung_usb_thread_withholds_watchdog_pings() {
             0,
             "pings while hung"
         );
-        assert!(!usb::list(&link).await.is_empty(), "main loop still serves");
+        assert!(!usb::list(link).await.is_empty(), "main loop still serves");
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let recovered = Instant::now();
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -211,14 +236,10 @@ fn read_message(stream: &mut std::os::unix::net::UnixStream) -> Option<Message> 
 #[test]
 fn malformed_and_oversized_frames_do_not_hurt_other_peers() {
     let helper = start_activated_helper("", None);
-    let hello = rmp_hello();
 
     // A well-framed body that is not a message, then an unknown request kind:
     // both answered with protocol errors, and the connection keeps working.
-    let mut a = std::os::unix::net::UnixStream::connect(&helper.socket).unwrap();
-    a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    a.write_all(&raw_frame(&hello)).unwrap();
-    assert!(matches!(read_message(&mut a), Some(Message::Hello(_))));
+    let mut a = greeted_by_hand(&helper.socket);
     a.write_all(&raw_frame(&[0xc1, 0xff, 0x00])).unwrap();
     let unknown = unknown_request(77);
     a.write_all(&raw_frame(&unknown)).unwrap();
@@ -233,10 +254,7 @@ fn malformed_and_oversized_frames_do_not_hurt_other_peers() {
     }
 
     // A frame announcing 1 GiB: the connection is closed, nothing allocated.
-    let mut b = std::os::unix::net::UnixStream::connect(&helper.socket).unwrap();
-    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    b.write_all(&raw_frame(&hello)).unwrap();
-    assert!(matches!(read_message(&mut b), Some(Message::Hello(_))));
+    let mut b = greeted_by_hand(&helper.socket);
     b.write_all(&(1u32 << 30).to_be_bytes()).unwrap();
     // The helper may already have hung up; that is the point.
     let _ = b.write_all(&[0u8; 64]);
@@ -268,6 +286,18 @@ fn malformed_and_oversized_frames_do_not_hurt_other_peers() {
     assert!(helper.process.output().contains("frame exceeds the limit"));
 }
 
+/// A connection to the helper that exchanged hellos by hand, without the
+/// link client, so that a test can go on to send what no client would.
+fn greeted_by_hand(socket: &std::path::Path) -> std::os::unix::net::UnixStream {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(&raw_frame(&rmp_hello())).unwrap();
+    assert!(matches!(read_message(&mut stream), Some(Message::Hello(_))));
+    stream
+}
+
 fn rmp_hello() -> Vec<u8> {
     rmp_serde::to_vec(&Message::Hello(p2p_usb_common::proto::Hello::new(
         "raw-test",
@@ -291,7 +321,7 @@ fn unknown_request(id: u64) -> Vec<u8> {
 
 /// Opens the Gadget Zero and switches it to its loopback configuration with
 /// a real SET_CONFIGURATION control transfer (mapped by the helper).
-async fn open_loopback(link: &p2p_usb_common::link::LinkClient) -> u32 {
+async fn open_loopback(link: &LinkClient) -> u32 {
     let dev = usb::find(link, ZERO.0, ZERO.1).await;
     let handle = usb::open_loopback(link, &dev.key).await;
     let config = control(
@@ -311,11 +341,8 @@ async fn open_loopback(link: &p2p_usb_common::link::LinkClient) -> u32 {
 
 #[test]
 fn bulk_loopback_keeps_data_and_order_with_many_transfers_in_flight() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
-        let handle = open_loopback(&link).await;
+    with_helper_link("", None, async |_, link, _| {
+        let handle = open_loopback(link).await;
         let mut rng = rand::rng();
         let payloads: Vec<Bytes> = (0..64)
             .map(|i| {
@@ -329,29 +356,22 @@ fn bulk_loopback_keeps_data_and_order_with_many_transfers_in_flight() {
                 Bytes::from(data)
             })
             .collect();
+        let read_transfer = || transfer(handle, zero::EP_IN, input(64 * 1024));
         // 32 INs in flight before any data exists, then the OUTs.
         let mut reads = Vec::new();
         for _ in 0..32 {
-            reads.push(
-                usb::start(&link, transfer(handle, zero::EP_IN, input(64 * 1024)))
-                    .await
-                    .1,
-            );
+            reads.push(usb::start(link, read_transfer()).await.1);
         }
         let mut writes = Vec::new();
         for payload in &payloads {
             writes.push(
-                usb::start(&link, transfer(handle, zero::EP_OUT, out(payload.clone())))
+                usb::start(link, transfer(handle, zero::EP_OUT, out(payload.clone())))
                     .await
                     .1,
             );
         }
         for _ in 32..64 {
-            reads.push(
-                usb::start(&link, transfer(handle, zero::EP_IN, input(64 * 1024)))
-                    .await
-                    .1,
-            );
+            reads.push(usb::start(link, read_transfer()).await.1);
         }
         for (write, payload) in writes.into_iter().zip(&payloads) {
             assert_eq!(write.await.unwrap().actual_length as usize, payload.len());
@@ -366,14 +386,11 @@ fn bulk_loopback_keeps_data_and_order_with_many_transfers_in_flight() {
 
 #[test]
 fn keyboard_types_its_text_on_the_interrupt_endpoint() {
-    let helper = start_activated_helper("[sim]\nkeyboard_text = \"Hello p2p\\n\"\n", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
-        let dev = usb::find(&link, KEYBOARD.0, KEYBOARD.1).await;
-        let handle = usb::open(&link, &dev.key).await.unwrap();
+    let typing = "[sim]\nkeyboard_text = \"Hello p2p\\n\"\n";
+    with_helper_link(typing, None, async |_, link, _| {
+        let (_, handle) = open_sim(link, KEYBOARD).await;
         let report_descriptor = control(
-            &link,
+            link,
             handle,
             0x81,
             std_request::GET_DESCRIPTOR,
@@ -387,12 +404,12 @@ fn keyboard_types_its_text_on_the_interrupt_endpoint() {
             &report_descriptor.data[..],
             &keyboard::REPORT_DESCRIPTOR[..]
         );
-        control(&link, handle, 0x21, 0x0a, 0, 0, out(Bytes::new()))
+        control(link, handle, 0x21, 0x0a, 0, 0, out(Bytes::new()))
             .await
             .unwrap();
         let mut reports = Vec::new();
         for _ in 0..20 {
-            let report = usb::run(&link, transfer(handle, keyboard::EP_REPORTS, input(8)))
+            let report = usb::run(link, transfer(handle, keyboard::EP_REPORTS, input(8)))
                 .await
                 .unwrap();
             reports.push(<[u8; 8]>::try_from(&report.data[..]).unwrap());
@@ -404,38 +421,32 @@ fn keyboard_types_its_text_on_the_interrupt_endpoint() {
         // Idle now: a poll stays pending until its timeout.
         let mut idle = transfer(handle, keyboard::EP_REPORTS, input(8));
         idle.timeout_ms = Some(200);
-        assert_eq!(usb::run(&link, idle).await.unwrap_err(), UsbError::Timeout);
+        assert_eq!(usb::run(link, idle).await.unwrap_err(), UsbError::Timeout);
     });
 }
 
 #[test]
 fn stall_is_a_typed_error_and_clear_halt_recovers() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
-        let dev = usb::find(&link, ZERO.0, ZERO.1).await;
-        let handle = usb::open(&link, &dev.key).await.unwrap();
-        let read = || usb::run(&link, transfer(handle, zero::EP_IN, input(512)));
+    with_helper_link("", None, async |_, link, _| {
+        let (_, handle) = open_sim(link, ZERO).await;
+        let read = || usb::run(link, transfer(handle, zero::EP_IN, input(512)));
+        let stall = || {
+            vendor_command(
+                link,
+                handle,
+                zero::control::STALL_ENDPOINT,
+                zero::EP_IN.into(),
+            )
+        };
         assert_eq!(
             read().await.unwrap().data[..],
             zero::expected_source_data(512)[..]
         );
-        control(
-            &link,
-            handle,
-            zero::control::VENDOR_OUT,
-            zero::control::STALL_ENDPOINT,
-            zero::EP_IN.into(),
-            0,
-            out(Bytes::new()),
-        )
-        .await
-        .unwrap();
+        stall().await;
         assert_eq!(read().await.unwrap_err(), UsbError::Stall);
         assert_eq!(read().await.unwrap_err(), UsbError::Stall, "stays halted");
         let status = control(
-            &link,
+            link,
             handle,
             0x82,
             std_request::GET_STATUS,
@@ -448,7 +459,7 @@ fn stall_is_a_typed_error_and_clear_halt_recovers() {
         assert_eq!(status.data[0], 1, "GET_STATUS reports the halt");
         // CLEAR_FEATURE(ENDPOINT_HALT) as a host sends it.
         control(
-            &link,
+            link,
             handle,
             0x02,
             std_request::CLEAR_FEATURE,
@@ -460,17 +471,7 @@ fn stall_is_a_typed_error_and_clear_halt_recovers() {
         .unwrap();
         assert_eq!(read().await.unwrap().actual_length, 512);
         // The explicit request does the same.
-        control(
-            &link,
-            handle,
-            zero::control::VENDOR_OUT,
-            zero::control::STALL_ENDPOINT,
-            zero::EP_IN.into(),
-            0,
-            out(Bytes::new()),
-        )
-        .await
-        .unwrap();
+        stall().await;
         assert_eq!(read().await.unwrap_err(), UsbError::Stall);
         assert_eq!(
             link.request(Request::ClearHalt {
@@ -487,52 +488,39 @@ fn stall_is_a_typed_error_and_clear_halt_recovers() {
 
 #[test]
 fn unplug_fails_pending_transfers_and_replug_announces_the_device() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, mut events) = usb::connect(&helper.socket).await;
-        let handle = open_loopback(&link).await;
-        let key = usb::find(&link, ZERO.0, ZERO.1).await.key;
+    with_helper_link("", None, async |_, link, events| {
+        let handle = open_loopback(link).await;
+        let key = usb::find(link, ZERO.0, ZERO.1).await.key;
         let mut pending = Vec::new();
         for _ in 0..8 {
             pending.push(
-                usb::start(&link, transfer(handle, zero::EP_IN, input(512)))
+                usb::start(link, transfer(handle, zero::EP_IN, input(512)))
                     .await
                     .1,
             );
         }
-        control(
-            &link,
-            handle,
-            zero::control::VENDOR_OUT,
-            zero::control::UNPLUG,
-            500,
-            0,
-            out(Bytes::new()),
-        )
-        .await
-        .unwrap();
+        vendor_command(link, handle, zero::control::UNPLUG, 500).await;
         for transfer in pending {
             assert_eq!(transfer.await.unwrap_err(), UsbError::NoDevice);
         }
         assert_eq!(
-            usb::next_event(&mut events, Duration::from_secs(2)).await,
+            usb::next_event(events, Duration::from_secs(2)).await,
             Event::DeviceLeft { key: key.clone() }
         );
         assert_eq!(
-            usb::run(&link, transfer(handle, zero::EP_IN, input(512)))
+            usb::run(link, transfer(handle, zero::EP_IN, input(512)))
                 .await
                 .unwrap_err(),
             UsbError::Invalid(format!("no open device with handle {handle}")),
             "the stale handle is gone"
         );
-        match usb::next_event(&mut events, Duration::from_secs(3)).await {
+        match usb::next_event(events, Duration::from_secs(3)).await {
             Event::DeviceArrived(device) => assert_eq!(device.key, key),
             other => panic!("{other:?}"),
         }
-        let again = usb::open(&link, &key).await.expect("reopen after replug");
+        let again = usb::open(link, &key).await.expect("reopen after replug");
         assert!(
-            usb::run(&link, transfer(again, zero::EP_IN, input(512)))
+            usb::run(link, transfer(again, zero::EP_IN, input(512)))
                 .await
                 .is_ok()
         );
@@ -541,15 +529,11 @@ fn unplug_fails_pending_transfers_and_replug_announces_the_device() {
 
 #[test]
 fn cancel_cancels_one_transfer_and_spares_the_others() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
-        let handle = open_loopback(&link).await;
-        let (_, first) = usb::start(&link, transfer(handle, zero::EP_IN, input(512))).await;
-        let (victim, cancelled) =
-            usb::start(&link, transfer(handle, zero::EP_IN, input(512))).await;
-        let (_, third) = usb::start(&link, transfer(handle, zero::EP_IN, input(512))).await;
+    with_helper_link("", None, async |_, link, _| {
+        let handle = open_loopback(link).await;
+        let (_, first) = usb::start(link, transfer(handle, zero::EP_IN, input(512))).await;
+        let (victim, cancelled) = usb::start(link, transfer(handle, zero::EP_IN, input(512))).await;
+        let (_, third) = usb::start(link, transfer(handle, zero::EP_IN, input(512))).await;
         assert_eq!(
             link.request(Request::Cancel { request: victim })
                 .await
@@ -559,7 +543,7 @@ fn cancel_cancels_one_transfer_and_spares_the_others() {
         assert_eq!(cancelled.await.unwrap_err(), UsbError::Cancelled);
         for data in [&b"one"[..], b"two"] {
             usb::run(
-                &link,
+                link,
                 transfer(handle, zero::EP_OUT, out(Bytes::copy_from_slice(data))),
             )
             .await
@@ -572,16 +556,13 @@ fn cancel_cancels_one_transfer_and_spares_the_others() {
 
 #[test]
 fn zero_length_packets_and_short_not_ok() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
-        let handle = open_loopback(&link).await;
-        let zlp = usb::run(&link, transfer(handle, zero::EP_OUT, out(Bytes::new())))
+    with_helper_link("", None, async |_, link, _| {
+        let handle = open_loopback(link).await;
+        let zlp = usb::run(link, transfer(handle, zero::EP_OUT, out(Bytes::new())))
             .await
             .unwrap();
         assert_eq!(zlp.actual_length, 0);
-        let read = usb::run(&link, transfer(handle, zero::EP_IN, input(512)))
+        let read = usb::run(link, transfer(handle, zero::EP_IN, input(512)))
             .await
             .unwrap();
         assert_eq!(
@@ -589,7 +570,7 @@ fn zero_length_packets_and_short_not_ok() {
             "the zero-length packet comes back as one"
         );
         usb::run(
-            &link,
+            link,
             transfer(handle, zero::EP_OUT, out(Bytes::from_static(b"short"))),
         )
         .await
@@ -597,7 +578,7 @@ fn zero_length_packets_and_short_not_ok() {
         let mut strict = transfer(handle, zero::EP_IN, input(512));
         strict.flags.short_not_ok = true;
         assert_eq!(
-            usb::run(&link, strict).await.unwrap_err(),
+            usb::run(link, strict).await.unwrap_err(),
             UsbError::ShortPacket
         );
     });
@@ -605,14 +586,10 @@ fn zero_length_packets_and_short_not_ok() {
 
 #[test]
 fn isochronous_endpoints_are_refused_clearly() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
-        let dev = usb::find(&link, ZERO.0, ZERO.1).await;
-        let handle = usb::open(&link, &dev.key).await.unwrap();
+    with_helper_link("", None, async |_, link, _| {
+        let (_, handle) = open_sim(link, ZERO).await;
         control(
-            &link,
+            link,
             handle,
             0x01,
             std_request::SET_INTERFACE,
@@ -622,7 +599,7 @@ fn isochronous_endpoints_are_refused_clearly() {
         )
         .await
         .unwrap();
-        match usb::run(&link, transfer(handle, 0x82, input(1024))).await {
+        match usb::run(link, transfer(handle, 0x82, input(1024))).await {
             Err(UsbError::Unsupported(reason)) => {
                 assert!(reason.contains("isochronous"), "{reason}")
             }
@@ -633,32 +610,30 @@ fn isochronous_endpoints_are_refused_clearly() {
 
 #[test]
 fn share_ceiling_hides_devices_outside_it() {
-    let helper = start_activated_helper("[[helper.share]]\nvid = 0x0525\npid = 0xa4ac\n", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
-        let devices = usb::list(&link).await;
-        assert_eq!(devices.len(), 1);
-        assert_eq!(devices[0].key.pid, KEYBOARD.1);
-        let hidden: p2p_usb_common::proto::DeviceKey =
-            "1-1/0525:a4a0/p2p-usb-sim-zero".parse().unwrap();
-        assert!(matches!(
-            usb::open(&link, &hidden).await,
-            Err(UsbError::NotFound(_))
-        ));
-    });
+    with_helper_link(
+        "[[helper.share]]\nvid = 0x0525\npid = 0xa4ac\n",
+        None,
+        async |_, link, _| {
+            let devices = usb::list(link).await;
+            assert_eq!(devices.len(), 1);
+            assert_eq!(devices[0].key.pid, KEYBOARD.1);
+            let hidden: p2p_usb_common::proto::DeviceKey =
+                "1-1/0525:a4a0/p2p-usb-sim-zero".parse().unwrap();
+            assert!(matches!(
+                usb::open(link, &hidden).await,
+                Err(UsbError::NotFound(_))
+            ));
+        },
+    );
 }
 
 #[test]
 fn a_device_is_held_by_one_connection_and_released_when_it_drops() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (first, _e1) = usb::connect(&helper.socket).await;
+    with_helper_link("", None, async |helper, first, _| {
         let (second, _e2) = usb::connect(&helper.socket).await;
-        let key = usb::find(&first, ZERO.0, ZERO.1).await.key;
-        let handle = open_loopback(&first).await;
-        let (_, pending) = usb::start(&first, transfer(handle, zero::EP_IN, input(512))).await;
+        let key = usb::find(first, ZERO.0, ZERO.1).await.key;
+        let handle = open_loopback(first).await;
+        let (_, pending) = usb::start(first, transfer(handle, zero::EP_IN, input(512))).await;
         assert!(matches!(
             usb::open(&second, &key).await,
             Err(UsbError::Busy(_))
@@ -680,14 +655,10 @@ fn a_device_is_held_by_one_connection_and_released_when_it_drops() {
 
 #[test]
 fn control_requests_reach_the_device_descriptors() {
-    let helper = start_activated_helper("", None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (link, _events) = usb::connect(&helper.socket).await;
-        let dev = usb::find(&link, ZERO.0, ZERO.1).await;
-        let handle = usb::open(&link, &dev.key).await.unwrap();
+    with_helper_link("", None, async |_, link, _| {
+        let (dev, handle) = open_sim(link, ZERO).await;
         let descriptor = control(
-            &link,
+            link,
             handle,
             0x80,
             std_request::GET_DESCRIPTOR,
@@ -699,7 +670,7 @@ fn control_requests_reach_the_device_descriptors() {
         .unwrap();
         assert_eq!(descriptor.data, dev.descriptor.raw);
         let product = control(
-            &link,
+            link,
             handle,
             0x80,
             std_request::GET_DESCRIPTOR,
@@ -715,7 +686,7 @@ fn control_requests_reach_the_device_descriptors() {
         );
         let written = Bytes::from_static(b"control write test");
         control(
-            &link,
+            link,
             handle,
             zero::control::VENDOR_OUT,
             zero::control::WRITE_BUFFER,
@@ -726,7 +697,7 @@ fn control_requests_reach_the_device_descriptors() {
         .await
         .unwrap();
         let read = control(
-            &link,
+            link,
             handle,
             zero::control::VENDOR_IN,
             zero::control::READ_BUFFER,
@@ -737,20 +708,11 @@ fn control_requests_reach_the_device_descriptors() {
         .await
         .unwrap();
         assert_eq!(read.data, written);
-        let unknown = control(
-            &link,
-            handle,
-            zero::control::VENDOR_IN,
-            0x77,
-            0,
-            0,
-            input(4),
-        )
-        .await;
+        let unknown = control(link, handle, zero::control::VENDOR_IN, 0x77, 0, 0, input(4)).await;
         assert_eq!(unknown.unwrap_err(), UsbError::Stall);
         // A malformed transfer is refused before it reaches the device.
         let bad = usb::run(
-            &link,
+            link,
             p2p_usb_common::proto::Transfer {
                 setup: Some(SetupPacket {
                     request_type: 0x80,
@@ -767,27 +729,29 @@ fn control_requests_reach_the_device_descriptors() {
     });
 }
 
+/// Runs the helper with `config` to its exit, for the tests of what it
+/// refuses to start with.
+fn run_helper(config: &std::path::Path) -> Output {
+    Command::new(bin("p2p-usb-helper"))
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn helper_refuses_root_and_bad_configuration_with_distinct_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("helper.sock");
     let config = write_sim_config(dir.path(), &socket, 0, "");
     if is_root() {
-        let refused = Command::new(bin("p2p-usb-helper"))
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
+        let refused = run_helper(&config);
         assert_eq!(refused.status.code(), Some(p2p_usb_common::exit::NOPERM));
         assert!(String::from_utf8_lossy(&refused.stderr).contains("refusing to run as root"));
     }
     let broken = dir.path().join("broken.toml");
     std::fs::write(&broken, "[helper]\nbackend = \"sim\"\nbackedn = \"nusb\"\n").unwrap();
-    let failed = Command::new(bin("p2p-usb-helper"))
-        .arg("--config")
-        .arg(&broken)
-        .output()
-        .unwrap();
+    let failed = run_helper(&broken);
     assert_eq!(failed.status.code(), Some(p2p_usb_common::exit::CONFIG));
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(
@@ -797,11 +761,7 @@ fn helper_refuses_root_and_bad_configuration_with_distinct_exit_codes() {
         )) && stderr.contains("backedn"),
         "{stderr}"
     );
-    let missing = Command::new(bin("p2p-usb-helper"))
-        .arg("--config")
-        .arg(dir.path().join("nope.toml"))
-        .output()
-        .unwrap();
+    let missing = run_helper(&dir.path().join("nope.toml"));
     assert_eq!(missing.status.code(), Some(p2p_usb_common::exit::CONFIG));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("Failed to load configuration"));
 }

@@ -4,35 +4,52 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use p2p_usb_agent::client::{self, ClientError};
+use iroh::EndpointAddr;
+use iroh::endpoint::Connection;
+use p2p_usb_agent::client::{self, Client, ClientError};
 use p2p_usb_agent::control::{ControlReply, ControlRequest};
 use p2p_usb_agent::net;
 use p2p_usb_common::gadget::zero;
+use p2p_usb_common::link::LinkClient;
 use p2p_usb_common::proto::{Event, Reply, Request, UsbError};
-use p2p_usb_tests::server::{Network, ServerUnderTest, start_client};
+use p2p_usb_tests::server::{
+    Network, ServerUnderTest, approving, start_client, start_with_approved_client,
+};
 use p2p_usb_tests::usb::{self, input, out, transfer};
+use tokio::sync::mpsc;
 
-fn approved(id: impl std::fmt::Display) -> String {
-    format!("approved_clients = [\"{id}\"]")
+/// Connects `client` to `addr` and asks for a session; the connection comes
+/// back too, for the tests that watch it or open more sessions on it.
+async fn try_open_session(
+    client: &Client,
+    addr: &EndpointAddr,
+) -> Result<(Connection, LinkClient, mpsc::Receiver<Event>), ClientError> {
+    let connection = client.connect(addr).await?;
+    let (session, events) = client.session(&connection).await?;
+    Ok((connection, session, events))
+}
+
+/// [`try_open_session`] for a client the server lets in.
+async fn open_session(
+    client: &Client,
+    addr: &EndpointAddr,
+) -> (Connection, LinkClient, mpsc::Receiver<Event>) {
+    try_open_session(client, addr)
+        .await
+        .expect("an approved client gets a session")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approved_client_uses_devices_over_a_direct_iroh_path() {
     let dir = tempfile::tempdir().unwrap();
-    let client = start_client(dir.path(), &Network::Loopback).await;
-    let server = ServerUnderTest::start(
-        &approved(client.id()),
-        "auto_share = true",
-        Network::Loopback,
-    );
+    let (client, server) = start_with_approved_client(dir.path(), "auto_share = true").await;
     server
         .agent_notify
         .wait_for("READY=1", Duration::from_secs(15));
 
-    let addr = net::parse_server(&server.ticket().await).unwrap();
+    let addr = server.addr().await;
     assert_eq!(addr.id.to_string(), server.id().await);
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, _events) = client.session(&connection).await.unwrap();
+    let (_connection, session, _events) = open_session(&client, &addr).await;
     let devices = client::list_devices(&session).await.unwrap();
     assert_eq!(devices.len(), 2, "{devices:?}");
 
@@ -76,14 +93,9 @@ async fn unapproved_client_is_pending_until_approved_and_revoke_cuts_it_off() {
         "auto_share = true",
         Network::Loopback,
     );
-    let addr = net::parse_server(&server.ticket().await).unwrap();
+    let addr = server.addr().await;
 
-    let refused = async {
-        let connection = client.connect(&addr).await?;
-        client.session(&connection).await
-    }
-    .await;
-    match refused {
+    match try_open_session(&client, &addr).await {
         Err(ClientError::NotApproved { client: id, .. }) => assert_eq!(id, client.id()),
         Err(other) => panic!("expected NotApproved, got {other}"),
         Ok(_) => panic!("an unapproved client got a session"),
@@ -105,8 +117,7 @@ async fn unapproved_client_is_pending_until_approved_and_revoke_cuts_it_off() {
         .control(ControlRequest::Approve(client.id().to_string()))
         .await;
     assert!(matches!(approval, ControlReply::Done(_)), "{approval:?}");
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, _events) = client.session(&connection).await.unwrap();
+    let (connection, session, _events) = open_session(&client, &addr).await;
     assert_eq!(client::list_devices(&session).await.unwrap().len(), 2);
 
     server
@@ -116,13 +127,11 @@ async fn unapproved_client_is_pending_until_approved_and_revoke_cuts_it_off() {
         .await
         .unwrap();
     assert!(reason.to_string().contains("revoked"), "{reason}");
-    let again = async {
-        let connection = client.connect(&addr).await?;
-        client.session(&connection).await
-    }
-    .await;
     assert!(
-        matches!(again, Err(ClientError::NotApproved { .. })),
+        matches!(
+            try_open_session(&client, &addr).await,
+            Err(ClientError::NotApproved { .. })
+        ),
         "revoked client got back in"
     );
 
@@ -138,15 +147,8 @@ async fn unapproved_client_is_pending_until_approved_and_revoke_cuts_it_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_shared_devices_are_visible_and_unsharing_withdraws_them() {
     let dir = tempfile::tempdir().unwrap();
-    let client = start_client(dir.path(), &Network::Loopback).await;
-    let server = ServerUnderTest::start(
-        &approved(client.id()),
-        "auto_share = false",
-        Network::Loopback,
-    );
-    let addr = net::parse_server(&server.ticket().await).unwrap();
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, mut events) = client.session(&connection).await.unwrap();
+    let (client, server) = start_with_approved_client(dir.path(), "auto_share = false").await;
+    let (_connection, session, mut events) = open_session(&client, &server.addr().await).await;
     assert!(
         client::list_devices(&session).await.unwrap().is_empty(),
         "nothing shared by default"
@@ -210,7 +212,7 @@ async fn relayed_path_through_a_local_relay() {
 
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), &network).await;
-    let server = ServerUnderTest::start(&approved(client.id()), "auto_share = true", network);
+    let server = ServerUnderTest::start(&approving(client.id()), "auto_share = true", network);
     // The ticket carries only the relay: there are no direct addresses.
     let ticket = loop {
         let ticket = server.ticket().await;
@@ -227,8 +229,7 @@ async fn relayed_path_through_a_local_relay() {
     let addr = net::parse_server(&ticket).unwrap();
     assert!(addr.ip_addrs().next().is_none(), "{addr:?}");
     let before = relay.metrics().server.bytes_recv.get();
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, _events) = client.session(&connection).await.unwrap();
+    let (connection, session, _events) = open_session(&client, &addr).await;
     let devices = client::list_devices(&session).await.unwrap();
     assert_eq!(devices.len(), 2);
     let paths = connection.paths();
@@ -245,15 +246,9 @@ async fn relayed_path_through_a_local_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_an_agent_restart_by_reconnecting() {
     let dir = tempfile::tempdir().unwrap();
-    let client = start_client(dir.path(), &Network::Loopback).await;
-    let mut server = ServerUnderTest::start(
-        &approved(client.id()),
-        "auto_share = true",
-        Network::Loopback,
-    );
-    let addr = net::parse_server(&server.ticket().await).unwrap();
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, _events) = client.session(&connection).await.unwrap();
+    let (client, mut server) = start_with_approved_client(dir.path(), "auto_share = true").await;
+    let addr = server.addr().await;
+    let (_connection, session, _events) = open_session(&client, &addr).await;
     let key = client::list_devices(&session).await.unwrap()[0].key.clone();
     let handle = usb::open_loopback(&session, &key).await;
     let (_, pending) = usb::start(&session, transfer(handle, zero::EP_IN, input(512))).await;
@@ -274,8 +269,7 @@ async fn sessions_survive_an_agent_restart_by_reconnecting() {
 
     // Same state dir: same identity, same port; the helper released the device.
     server.start_agent();
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, _events) = client.session(&connection).await.unwrap();
+    let (_connection, session, _events) = open_session(&client, &addr).await;
     let handle = usb::open(&session, &key)
         .await
         .expect("device was released by the dead agent's session");
@@ -295,18 +289,12 @@ async fn sessions_survive_an_agent_restart_by_reconnecting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_stop_notifies_clients_and_finishes_quickly() {
     let dir = tempfile::tempdir().unwrap();
-    let client = start_client(dir.path(), &Network::Loopback).await;
-    let mut server = ServerUnderTest::start(
-        &approved(client.id()),
-        "auto_share = true",
-        Network::Loopback,
-    );
+    let (client, mut server) = start_with_approved_client(dir.path(), "auto_share = true").await;
     server
         .agent_notify
         .wait_for("READY=1", Duration::from_secs(15));
-    let addr = net::parse_server(&server.ticket().await).unwrap();
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, mut events) = client.session(&connection).await.unwrap();
+    let addr = server.addr().await;
+    let (_connection, session, mut events) = open_session(&client, &addr).await;
     let key = client::list_devices(&session).await.unwrap()[0].key.clone();
     usb::open(&session, &key).await.unwrap();
 
@@ -327,8 +315,7 @@ async fn agent_stop_notifies_clients_and_finishes_quickly() {
         .wait_for("STOPPING=1", Duration::from_secs(1));
     // Its device went back: a fresh agent can open it at once.
     server.start_agent();
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, _events) = client.session(&connection).await.unwrap();
+    let (_connection, session, _events) = open_session(&client, &addr).await;
     assert!(usb::open(&session, &key).await.is_ok());
 }
 
@@ -362,7 +349,7 @@ async fn cli_lists_devices_and_explains_refusal() {
     let id = p2p_usb_agent::identity::load_or_create(&client_key)
         .unwrap()
         .public();
-    let server = ServerUnderTest::start(&approved(id), "auto_share = true", Network::Loopback);
+    let server = ServerUnderTest::start(&approving(id), "auto_share = true", Network::Loopback);
     let ticket = server.ticket().await;
     let client_config = dir.path().join("client.toml");
     std::fs::write(
@@ -416,16 +403,9 @@ async fn cli_lists_devices_and_explains_refusal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_authorized_per_session_and_replies_stay_matched() {
     let dir = tempfile::tempdir().unwrap();
-    let client = start_client(dir.path(), &Network::Loopback).await;
-    let server = ServerUnderTest::start(
-        &approved(client.id()),
-        "auto_share = true",
-        Network::Loopback,
-    );
-    let addr = net::parse_server(&server.ticket().await).unwrap();
-    let connection = client.connect(&addr).await.unwrap();
+    let (client, server) = start_with_approved_client(dir.path(), "auto_share = true").await;
     // Two sessions on one connection have separate handles on the server.
-    let (first, _e1) = client.session(&connection).await.unwrap();
+    let (connection, first, _e1) = open_session(&client, &server.addr().await).await;
     let (second, _e2) = client.session(&connection).await.unwrap();
     let key = client::list_devices(&first).await.unwrap()[0].key.clone();
     let handle = usb::open(&first, &key).await.unwrap();
@@ -534,14 +514,13 @@ async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back
         p2p_usb_tests::server::free_udp_port()
     );
     let server = ServerUnderTest::start_in(
-        &approved(client.id()),
+        &approving(client.id()),
         "auto_share = true",
         Network::Bind(server_addr),
         Some(&netns.name),
     );
-    let addr = net::parse_server(&server.ticket().await).unwrap();
-    let connection = client.connect(&addr).await.unwrap();
-    let (session, _events) = client.session(&connection).await.unwrap();
+    let addr = server.addr().await;
+    let (_connection, session, _events) = open_session(&client, &addr).await;
     let key = client::list_devices(&session).await.unwrap()[0].key.clone();
     let handle = usb::open_loopback(&session, &key).await;
     let (_, pending) = usb::start(&session, transfer(handle, zero::EP_IN, input(512))).await;
@@ -560,8 +539,7 @@ async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back
     // The server's session died with the connection; the device is free again.
     let reconnected = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            if let Ok(connection) = client.connect(&addr).await
-                && let Ok((session, events)) = client.session(&connection).await
+            if let Ok((connection, session, events)) = try_open_session(&client, &addr).await
                 && let Ok(handle) = usb::open(&session, &key).await
             {
                 break (connection, session, events, handle);
