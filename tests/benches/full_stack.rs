@@ -14,12 +14,14 @@ use bytes::Bytes;
 use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
 use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
 use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
+use p2p_usb_agent::usbip::proto::{CmdSubmit, USBIP_DIR_IN, UrbHeader};
 use p2p_usb_common::gadget::zero;
 use p2p_usb_tests::gateway::{GatewayUnderTest, import_raw, set_configuration};
 use p2p_usb_tests::measure::{
     CpuMeter, ROUNDS, RoundTrips, Throughput, keep_in_flight, mib_per_s, print_bulk_rows,
     two_worker_runtime,
 };
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes moved per round of a bulk measurement.
 const BULK_BYTES: usize = 64 * 1024 * 1024;
@@ -46,7 +48,10 @@ fn main() {
         println!(
             "full stack (USB/IP -> iroh -> agent -> helper -> sim) vs raw iroh stream echo, same run, {ROUNDS} alternating rounds"
         );
-        println!("{}", Throughput::header("stack", "iroh"));
+        println!(
+            "gateway: USB/IP over loopback TCP to the gateway (p2p-usb serve-usbip, as `usbip attach` uses it)"
+        );
+        println!("{}", Throughput::header("gateway", "iroh"));
         let (imported, echo, cpu) = (&device, &echo, &cpu);
         print_bulk_rows(
             cpu,
@@ -56,20 +61,54 @@ fn main() {
             move |depth, size| echo.bulk(depth, size),
         )
         .await;
+        set_configuration(&device, zero::CONFIG_SOURCE_SINK).await;
+        device.close().await;
+        let busid = busid.as_str();
+        let result = RoundTrips::compare(
+            move || async move { rtt_stack(&mut import_raw(gateway_addr, busid).await).await },
+            move || echo.rtt(),
+        )
+        .await;
+        println!("{}", RoundTrips::header("gateway", "iroh"));
+        for row in result.rows() {
+            println!("{row}");
+        }
+
+        println!(
+            "attach: USB/IP over a Unix socket pair (p2p-usb attach, as vhci_hcd uses it)"
+        );
+        println!("{}", Throughput::header("attach", "iroh"));
+        let (stream, described) = setup.attach_pair(busid).await;
+        let (reader, writer) = stream.into_split();
+        let attached_device = Imported::over(described, reader, writer);
+        let attached = &attached_device;
+        print_bulk_rows(
+            cpu,
+            BULK_BYTES,
+            async || set_configuration(attached, zero::CONFIG_LOOPBACK).await,
+            move |depth, size| bulk_stack(attached, depth, size),
+            move |depth, size| echo.bulk(depth, size),
+        )
+        .await;
+        set_configuration(attached, zero::CONFIG_SOURCE_SINK).await;
+        attached_device.close().await;
+        // One socket pair serves every round-trip block of the attach path,
+        // as vhci_hcd keeps its socket for as long as the device is attached.
+        let (pair, _) = setup.attach_pair(busid).await;
+        let pair = &tokio::sync::Mutex::new(pair);
+        let result = RoundTrips::compare(
+            move || async move { rtt_stack(&mut *pair.lock().await).await },
+            move || echo.rtt(),
+        )
+        .await;
+        println!("{}", RoundTrips::header("attach", "iroh"));
+        for row in result.rows() {
+            println!("{row}");
+        }
         let rss = |pid: u32| vm_hwm(&format!("/proc/{pid}/status"));
         let helper_rss = rss(setup.server.helper.child.id());
         let agent_rss = rss(setup.server.agent.as_ref().unwrap().child.id());
         let client_rss = vm_hwm("/proc/self/status");
-
-        set_configuration(&device, zero::CONFIG_SOURCE_SINK).await;
-        device.close().await;
-        let busid = busid.as_str();
-        let result =
-            RoundTrips::compare(move || rtt_stack(gateway_addr, busid), move || echo.rtt()).await;
-        println!("{}", RoundTrips::header("stack", "iroh"));
-        for row in result.rows() {
-            println!("{row}");
-        }
         println!(
             "peak resident memory: helper {helper_rss} KiB, agent {agent_rss} KiB, client+gateway+bench {client_rss} KiB"
         );
@@ -120,12 +159,9 @@ async fn check(
     assert_eq!(r.await.unwrap().actual_length, size);
 }
 
-/// One 64-byte IN at a time over a plain USB/IP connection, read in the
+/// One 64-byte IN at a time over an attached USB/IP connection, read in the
 /// measuring task itself, as the iroh baseline reads its echo.
-async fn rtt_stack(gateway: SocketAddr, busid: &str) -> Vec<f64> {
-    use p2p_usb_agent::usbip::proto::{CmdSubmit, USBIP_DIR_IN, UrbHeader};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = import_raw(gateway, busid).await;
+async fn rtt_stack<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Vec<f64> {
     let mut samples = Vec::with_capacity(RTT_ROUNDS);
     let mut answer = [0u8; 48 + 64];
     for seqnum in 1..=RTT_ROUNDS as u32 {

@@ -4,17 +4,22 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use p2p_usb_agent::client::ClientError;
 use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
 use p2p_usb_agent::usbip::gateway::{self, Remote};
 use p2p_usb_agent::usbip::proto::{
-    OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, USB_DEVICE_LEN, encode_import_request,
+    OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, USB_DEVICE_LEN, UsbDevice, encode_import_request,
 };
+use p2p_usb_agent::usbip::urbs;
+use p2p_usb_agent::usbip::usbip_device;
 use p2p_usb_common::access::AccessList;
-use p2p_usb_common::proto::std_request;
+use p2p_usb_common::proto::{UsbError, std_request};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{ServerUnderTest, start_with_approved_client};
@@ -25,6 +30,7 @@ pub struct GatewayUnderTest {
     pub server: ServerUnderTest,
     /// Where the gateway listens.
     pub gateway: SocketAddr,
+    remote: Arc<Remote>,
     stop: CancellationToken,
     _dir: TempDir,
 }
@@ -39,7 +45,7 @@ impl GatewayUnderTest {
         let stop = CancellationToken::new();
         let (gateway, _) = gateway::start(
             ([127, 0, 0, 1], 0).into(),
-            remote,
+            remote.clone(),
             AccessList::default(),
             stop.clone(),
         )
@@ -48,6 +54,7 @@ impl GatewayUnderTest {
         GatewayUnderTest {
             server,
             gateway,
+            remote,
             stop,
             _dir: dir,
         }
@@ -58,6 +65,32 @@ impl GatewayUnderTest {
         let list = usbip::devlist(self.gateway).await.unwrap();
         usbip::busid_of(&list, vid, pid)
             .unwrap_or_else(|| panic!("{vid:04x}:{pid:04x} is not exported"))
+    }
+
+    /// Opens the device at `busid` the way `p2p-usb attach` does, without the
+    /// gateway: its URBs are served on one end of a Unix socket pair, and the
+    /// other end (the one vhci_hcd would hold) is returned with the device
+    /// as vhci_hcd is told of it. Waits while the device is still held by a
+    /// connection that just closed.
+    pub async fn attach_pair(&self, busid: &str) -> (UnixStream, UsbDevice) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let (opened, info) = loop {
+            match self.remote.open(busid).await {
+                Err(ClientError::Usb(UsbError::Busy(_)))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                opened => {
+                    break opened
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("{busid} is not shared"));
+                }
+            }
+        };
+        let (ours, kernels) = UnixStream::pair().unwrap();
+        tokio::spawn(urbs::serve(ours, opened, self.stop.child_token()));
+        (kernels, usbip_device(&info, self.remote.label()))
     }
 
     /// Imports VID:PID through the gateway.

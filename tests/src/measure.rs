@@ -147,7 +147,7 @@ impl Throughput {
     /// The header matching [`Throughput::row`].
     pub fn header(path: &str, baseline: &str) -> String {
         format!(
-            "{:<26} {:>11} {:>11} {:>7}   {:<12} {:>21}",
+            "{:<26} {:>13} {:>13} {:>7}   {:<12} {:>21}",
             "bulk loopback (medians)",
             format!("{path} MiB/s"),
             format!("{baseline} MiB/s"),
@@ -170,7 +170,7 @@ impl Throughput {
             .collect();
         let mib = (self.bytes_per_round * self.path.len()) as f64 / (1024.0 * 1024.0);
         format!(
-            "{name:<26} {path:>11.1} {baseline:>11.1} {:>7.2}   {:<12} {:>10.2} {:>10.2}",
+            "{name:<26} {path:>13.1} {baseline:>13.1} {:>7.2}   {:<12} {:>10.2} {:>10.2}",
             path / baseline,
             format!(
                 "{:.2}-{:.2}",

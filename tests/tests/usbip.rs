@@ -323,7 +323,12 @@ async fn bad_headers_close_only_their_connection() {
         0
     );
 
-    // An unknown busid and a bad operation code are refused cleanly.
+    // A device already imported, an unknown busid and a bad operation code
+    // are refused cleanly.
+    assert!(matches!(
+        usbip::import(setup.gateway, &busid).await,
+        Err(usbip::UsbipClientError::Refused(2))
+    ));
     assert!(matches!(
         usbip::import(setup.gateway, "9-9").await,
         Err(usbip::UsbipClientError::Refused(4))

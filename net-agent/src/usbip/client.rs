@@ -1,6 +1,7 @@
 //! A small USB/IP client: what `usbip list`/`usbip attach` and vhci_hcd do on
 //! the wire, in user space. The demo, the tests and the benchmarks use it to
-//! drive the gateway without root.
+//! drive the gateway, or the socket pair `p2p-usb attach` hands vhci_hcd,
+//! without root.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,9 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use p2p_usb_common::codec::{READ_BUFFER_CAPACITY, write_all_vectored};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
 use super::proto::{
@@ -89,7 +89,7 @@ enum Waiter {
 pub struct Imported {
     /// The device as the import reply described it.
     pub device: UsbDevice,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
     waiters: Arc<Mutex<HashMap<u32, Waiter>>>,
     next_seqnum: AtomicU32,
 }
@@ -114,61 +114,71 @@ pub async fn import(server: SocketAddr, busid: &str) -> Result<Imported, UsbipCl
         ImportReply::Refused(status) => return Err(UsbipClientError::Refused(status)),
     };
     let (reader, writer) = stream.into_split();
-    // Buffered as vhci_hcd reads in the kernel: a header and its payload do
-    // not cost a system call each.
-    let mut reader = BufReader::with_capacity(READ_BUFFER_CAPACITY, reader);
-    let waiters: Arc<Mutex<HashMap<u32, Waiter>>> = Arc::default();
-    let table = waiters.clone();
-    tokio::spawn(async move {
-        let mut header = [0u8; URB_HEADER_LEN];
-        while reader.read_exact(&mut header).await.is_ok() {
-            let Ok(parsed) = UrbHeader::decode(&header) else {
-                return;
-            };
-            match parsed {
-                UrbHeader::RetSubmit(ret) => {
-                    let waiter = table.lock().expect("waiters lock").remove(&ret.seqnum);
-                    let dir_in = matches!(waiter, Some(Waiter::Submit { dir_in: true, .. }));
-                    let length = if dir_in {
-                        ret.actual_length.max(0) as usize
-                    } else {
-                        0
-                    };
-                    let mut iso = vec![0u8; iso_descriptors_len(ret.number_of_packets)];
-                    let Ok(data) = read_payload(&mut reader, length).await else {
-                        return;
-                    };
-                    if reader.read_exact(&mut iso).await.is_err() {
-                        return;
-                    }
-                    if let Some(Waiter::Submit { tx, .. }) = waiter {
-                        let _ = tx.send(UrbResult {
-                            status: ret.status,
-                            actual_length: ret.actual_length.max(0) as usize,
-                            data,
-                        });
-                    }
-                }
-                UrbHeader::RetUnlink(ret) => {
-                    if let Some(Waiter::Unlink(tx)) =
-                        table.lock().expect("waiters lock").remove(&ret.seqnum)
-                    {
-                        let _ = tx.send(ret.status);
-                    }
-                }
-                _ => return,
-            }
-        }
-    });
-    Ok(Imported {
-        device,
-        writer: tokio::sync::Mutex::new(writer),
-        waiters,
-        next_seqnum: AtomicU32::new(1),
-    })
+    Ok(Imported::over(device, reader, writer))
 }
 
 impl Imported {
+    /// Drives `device` on a stream that is already attached: what vhci_hcd
+    /// does with its end of the socket pair `p2p-usb attach` hands it.
+    pub fn over<R, W>(device: UsbDevice, reader: R, writer: W) -> Imported
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        // Buffered as vhci_hcd reads in the kernel: a header and its payload do
+        // not cost a system call each.
+        let mut reader = BufReader::with_capacity(READ_BUFFER_CAPACITY, reader);
+        let waiters: Arc<Mutex<HashMap<u32, Waiter>>> = Arc::default();
+        let table = waiters.clone();
+        tokio::spawn(async move {
+            let mut header = [0u8; URB_HEADER_LEN];
+            while reader.read_exact(&mut header).await.is_ok() {
+                let Ok(parsed) = UrbHeader::decode(&header) else {
+                    return;
+                };
+                match parsed {
+                    UrbHeader::RetSubmit(ret) => {
+                        let waiter = table.lock().expect("waiters lock").remove(&ret.seqnum);
+                        let dir_in = matches!(waiter, Some(Waiter::Submit { dir_in: true, .. }));
+                        let length = if dir_in {
+                            ret.actual_length.max(0) as usize
+                        } else {
+                            0
+                        };
+                        let mut iso = vec![0u8; iso_descriptors_len(ret.number_of_packets)];
+                        let Ok(data) = read_payload(&mut reader, length).await else {
+                            return;
+                        };
+                        if reader.read_exact(&mut iso).await.is_err() {
+                            return;
+                        }
+                        if let Some(Waiter::Submit { tx, .. }) = waiter {
+                            let _ = tx.send(UrbResult {
+                                status: ret.status,
+                                actual_length: ret.actual_length.max(0) as usize,
+                                data,
+                            });
+                        }
+                    }
+                    UrbHeader::RetUnlink(ret) => {
+                        if let Some(Waiter::Unlink(tx)) =
+                            table.lock().expect("waiters lock").remove(&ret.seqnum)
+                        {
+                            let _ = tx.send(ret.status);
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
+        Imported {
+            device,
+            writer: tokio::sync::Mutex::new(Box::new(writer)),
+            waiters,
+            next_seqnum: AtomicU32::new(1),
+        }
+    }
+
     /// Sends CMD_SUBMIT; returns its seqnum and the future of its RET_SUBMIT.
     pub async fn submit(
         &self,

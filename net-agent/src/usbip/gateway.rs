@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use iroh::EndpointAddr;
 use p2p_usb_common::access::{AccessList, PeerCredentials};
-use p2p_usb_common::proto::{Reply, Request};
+use p2p_usb_common::proto::{DeviceInfo, Reply, Request, UsbError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -71,6 +71,36 @@ impl Remote {
         let session = self.client.session(&fresh).await;
         *connection = Some(fresh);
         session
+    }
+
+    /// Opens the device at bus path `busid` on a new session, ready for
+    /// [`urbs::serve`]; `None` if the server shares no such device.
+    pub async fn open(
+        &self,
+        busid: &str,
+    ) -> Result<Option<(RemoteDevice, DeviceInfo)>, ClientError> {
+        let (session, events) = self.session().await?;
+        let devices = client::list_devices(&session).await?;
+        let Some(device) = devices.into_iter().find(|d| d.key.bus_path == busid) else {
+            session.close();
+            return Ok(None);
+        };
+        let key = device.key;
+        match session.request(Request::Open { key: key.clone() }).await? {
+            Reply::Opened { handle, device } => Ok(Some((
+                RemoteDevice {
+                    session,
+                    events,
+                    handle,
+                    key,
+                },
+                device,
+            ))),
+            other => {
+                session.close();
+                Err(ClientError::Usb(UsbError::Protocol(format!("{other:?}"))))
+            }
+        }
     }
 
     /// The server's EndpointId.
@@ -203,27 +233,8 @@ async fn import(
         .await
         .map_err(|e| e.to_string())?;
     let busid = decode_import_request(&busid).map_err(|e| e.to_string())?;
-    let opened = async {
-        let (session, events) = remote.session().await?;
-        let devices = client::list_devices(&session).await?;
-        let Some(device) = devices.into_iter().find(|d| d.key.bus_path == busid) else {
-            return Ok(None);
-        };
-        match session
-            .request(Request::Open {
-                key: device.key.clone(),
-            })
-            .await?
-        {
-            Reply::Opened { handle, device } => Ok(Some((session, events, handle, device))),
-            other => Err(ClientError::Usb(p2p_usb_common::proto::UsbError::Protocol(
-                format!("{other:?}"),
-            ))),
-        }
-    }
-    .await;
     let mut out = BytesMut::new();
-    let (session, events, handle, device) = match opened {
+    let (opened, device) = match remote.open(&busid).await {
         Ok(Some(opened)) => opened,
         Ok(None) => {
             ImportReply::Refused(ST_NODEV)
@@ -234,7 +245,7 @@ async fn import(
         }
         Err(e) => {
             let status = match &e {
-                ClientError::Usb(p2p_usb_common::proto::UsbError::Busy(_)) => ST_DEV_BUSY,
+                ClientError::Usb(UsbError::Busy(_)) => ST_DEV_BUSY,
                 _ => ST_ERROR,
             };
             ImportReply::Refused(status)
@@ -249,17 +260,7 @@ async fn import(
         .map_err(|e| e.to_string())?;
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
     tracing::info!(device = %device.key, "imported by a USB/IP client");
-    let reason = urbs::serve(
-        stream,
-        RemoteDevice {
-            session,
-            events,
-            handle,
-            key: device.key.clone(),
-        },
-        stop,
-    )
-    .await;
+    let reason = urbs::serve(stream, opened, stop).await;
     tracing::info!(device = %device.key, "USB/IP import ended: {reason}");
     Ok(())
 }
