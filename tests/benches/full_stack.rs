@@ -1,8 +1,10 @@
-//! Full-stack benchmark: USB/IP client -> gateway -> client -> iroh -> agent
-//! -> helper -> simulated Gadget Zero, next to a raw iroh stream echo between
-//! the same kind of endpoints (loopback, relays off), in alternating rounds
-//! of the same run.
-//! Also reports each process's resident memory after the load.
+//! Full-stack benchmark: USB/IP client -> client -> iroh -> agent -> helper
+//! -> simulated Gadget Zero, next to a raw iroh stream echo between the same
+//! kind of endpoints (loopback, relays off), in alternating rounds of the
+//! same run. The USB/IP client reaches the client both ways the product
+//! offers: loopback TCP to the gateway (`p2p-usb serve-usbip`) and a Unix
+//! socket pair (`p2p-usb attach`, where vhci_hcd holds the other end).
+//! Also reports each process's peak resident memory after both.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p p2p-usb-tests --bench full_stack`
 
@@ -63,12 +65,18 @@ fn main() {
         .await;
         set_configuration(&device, zero::CONFIG_SOURCE_SINK).await;
         device.close().await;
+        // One connection serves every round-trip block, as `usbip attach`
+        // keeps its socket for as long as the device is attached.
         let busid = busid.as_str();
-        let result = RoundTrips::compare(
-            move || async move { rtt_stack(&mut import_raw(gateway_addr, busid).await).await },
-            move || echo.rtt(),
-        )
-        .await;
+        let result = {
+            let imported = tokio::sync::Mutex::new(import_raw(gateway_addr, busid).await);
+            let imported = &imported;
+            RoundTrips::compare(
+                move || async move { rtt_stack(&mut *imported.lock().await).await },
+                move || echo.rtt(),
+            )
+            .await
+        };
         println!("{}", RoundTrips::header("gateway", "iroh"));
         for row in result.rows() {
             println!("{row}");

@@ -11,7 +11,8 @@ use p2p_usb_agent::client::ClientError;
 use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
 use p2p_usb_agent::usbip::gateway::{self, Remote};
 use p2p_usb_agent::usbip::proto::{
-    OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, USB_DEVICE_LEN, UsbDevice, encode_import_request,
+    OP_HEADER_LEN, OP_REQ_IMPORT, OpHeader, ST_DEV_BUSY, ST_OK, USB_DEVICE_LEN, UsbDevice,
+    encode_import_request,
 };
 use p2p_usb_agent::usbip::urbs;
 use p2p_usb_agent::usbip::usbip_device;
@@ -107,17 +108,28 @@ impl Drop for GatewayUnderTest {
 }
 
 /// Imports `busid` by hand and returns the bare stream, for tests that write
-/// URB headers themselves.
+/// URB headers themselves. Waits while the device is still held by a
+/// connection that just closed.
 pub async fn import_raw(gateway: SocketAddr, busid: &str) -> tokio::net::TcpStream {
-    let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let mut request = OpHeader::new(OP_REQ_IMPORT, 0).encode().to_vec();
-    request.extend_from_slice(&encode_import_request(busid).unwrap());
-    stream.write_all(&request).await.unwrap();
-    let mut reply = [0u8; OP_HEADER_LEN + USB_DEVICE_LEN];
-    stream.read_exact(&mut reply).await.unwrap();
-    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "import accepted");
-    stream
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut request = OpHeader::new(OP_REQ_IMPORT, 0).encode().to_vec();
+        request.extend_from_slice(&encode_import_request(busid).unwrap());
+        stream.write_all(&request).await.unwrap();
+        let mut header = [0u8; OP_HEADER_LEN];
+        stream.read_exact(&mut header).await.unwrap();
+        let status = OpHeader::decode(&header).unwrap().status;
+        if status == ST_DEV_BUSY && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        assert_eq!(status, ST_OK, "import accepted");
+        let mut device = [0u8; USB_DEVICE_LEN];
+        stream.read_exact(&mut device).await.unwrap();
+        return stream;
+    }
 }
 
 /// SET_CONFIGURATION through an imported device; the status must be 0.

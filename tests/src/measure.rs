@@ -13,14 +13,10 @@ use std::time::Duration;
 /// Rounds each side of a comparison runs, alternating.
 pub const ROUNDS: usize = 5;
 
-/// The runtime a benchmark and each echo peer it starts run on: two
-/// workers, the same for the measured path and for its baseline.
+/// The runtime a benchmark and each echo peer it starts run on: the one the
+/// binaries run on, the same for the measured path and for its baseline.
 pub fn two_worker_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    p2p_usb_common::service::runtime().expect("a tokio runtime")
 }
 
 /// Keeps up to `depth` submissions in flight over `count` rounds: each

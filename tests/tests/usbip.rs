@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use p2p_usb_agent::usbip::client::{self as usbip, UrbData};
 use p2p_usb_agent::usbip::proto::{
-    CmdSubmit, OpHeader, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN, UrbHeader,
+    CmdSubmit, OpHeader, ST_DEV_BUSY, ST_NODEV, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN,
+    UrbHeader,
 };
 use p2p_usb_common::gadget::{keyboard, zero};
 use p2p_usb_common::proto::std_request;
@@ -327,11 +328,11 @@ async fn bad_headers_close_only_their_connection() {
     // are refused cleanly.
     assert!(matches!(
         usbip::import(setup.gateway, &busid).await,
-        Err(usbip::UsbipClientError::Refused(2))
+        Err(usbip::UsbipClientError::Refused(ST_DEV_BUSY))
     ));
     assert!(matches!(
         usbip::import(setup.gateway, "9-9").await,
-        Err(usbip::UsbipClientError::Refused(4))
+        Err(usbip::UsbipClientError::Refused(ST_NODEV))
     ));
     let mut odd = tokio::net::TcpStream::connect(setup.gateway).await.unwrap();
     odd.write_all(&OpHeader::new(0x1234, 0).encode())

@@ -10,15 +10,16 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use p2p_usb_common::codec::{READ_BUFFER_CAPACITY, write_all_vectored};
+use p2p_usb_common::proto::MAX_TRANSFER_LEN;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::proto::{
-    CmdSubmit, CmdUnlink, DevlistEntry, ImportReply, OP_HEADER_LEN, OP_REP_DEVLIST, OP_REP_IMPORT,
-    OP_REQ_DEVLIST, OP_REQ_IMPORT, OpHeader, ProtocolError, ST_OK, URB_HEADER_LEN, USB_DEVICE_LEN,
-    USBIP_DIR_IN, USBIP_DIR_OUT, UrbHeader, UsbDevice, decode_devlist, encode_import_request,
-    iso_descriptors_len,
+    CmdSubmit, CmdUnlink, DevlistEntry, ISO_DESCRIPTOR_LEN, ImportReply, MAX_ISO_PACKETS,
+    OP_HEADER_LEN, OP_REP_DEVLIST, OP_REP_IMPORT, OP_REQ_DEVLIST, OP_REQ_IMPORT, OpHeader,
+    ProtocolError, ST_OK, URB_HEADER_LEN, USB_DEVICE_LEN, USBIP_DIR_IN, USBIP_DIR_OUT, UrbHeader,
+    UsbDevice, decode_devlist, encode_import_request, iso_descriptors_len,
 };
 use super::read_payload;
 
@@ -119,7 +120,8 @@ pub async fn import(server: SocketAddr, busid: &str) -> Result<Imported, UsbipCl
 
 impl Imported {
     /// Drives `device` on a stream that is already attached: what vhci_hcd
-    /// does with its end of the socket pair `p2p-usb attach` hands it.
+    /// does with its end of the socket pair `p2p-usb attach` hands it. Call it
+    /// inside a Tokio runtime: replies are read by a task of their own.
     pub fn over<R, W>(device: UsbDevice, reader: R, writer: W) -> Imported
     where
         R: AsyncRead + Send + Unpin + 'static,
@@ -145,7 +147,14 @@ impl Imported {
                         } else {
                             0
                         };
-                        let mut iso = vec![0u8; iso_descriptors_len(ret.number_of_packets)];
+                        let iso_len = iso_descriptors_len(ret.number_of_packets);
+                        // Lengths from the wire are bounded before they are allocated.
+                        if length > MAX_TRANSFER_LEN as usize
+                            || iso_len > MAX_ISO_PACKETS * ISO_DESCRIPTOR_LEN
+                        {
+                            return;
+                        }
+                        let mut iso = vec![0u8; iso_len];
                         let Ok(data) = read_payload(&mut reader, length).await else {
                             return;
                         };

@@ -13,7 +13,7 @@ use p2p_usb_common::proto::{DeviceInfo, Reply, Request, UsbError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::proto::{
@@ -24,6 +24,9 @@ use super::urbs::{self, RemoteDevice};
 use super::{devlist_entry, usbip_device};
 use crate::client::{self, Client, ClientError};
 use crate::peer_uid;
+
+/// How long USB/IP connections get to end their sessions on stop.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The server a gateway exports, with one connection shared by all sessions.
 pub struct Remote {
@@ -80,25 +83,30 @@ impl Remote {
         busid: &str,
     ) -> Result<Option<(RemoteDevice, DeviceInfo)>, ClientError> {
         let (session, events) = self.session().await?;
-        let devices = client::list_devices(&session).await?;
-        let Some(device) = devices.into_iter().find(|d| d.key.bus_path == busid) else {
-            session.close();
-            return Ok(None);
-        };
-        let key = device.key;
-        match session.request(Request::Open { key: key.clone() }).await? {
-            Reply::Opened { handle, device } => Ok(Some((
+        let opened = async {
+            let devices = client::list_devices(&session).await?;
+            let Some(listed) = devices.into_iter().find(|d| d.key.bus_path == busid) else {
+                return Ok(None);
+            };
+            match session.request(Request::Open { key: listed.key }).await? {
+                Reply::Opened { handle, device } => Ok(Some((handle, device))),
+                other => Err(ClientError::Usb(UsbError::Protocol(format!("{other:?}")))),
+            }
+        }
+        .await;
+        match opened {
+            Ok(Some((handle, device))) => Ok(Some((
                 RemoteDevice {
                     session,
                     events,
                     handle,
-                    key,
+                    key: device.key.clone(),
                 },
                 device,
             ))),
-            other => {
+            unopened => {
                 session.close();
-                Err(ClientError::Usb(UsbError::Protocol(format!("{other:?}"))))
+                unopened.map(|_| None)
             }
         }
     }
@@ -137,6 +145,7 @@ async fn serve(
     allowed.allow_uid(0);
     allowed.allow_uid(nix::unistd::geteuid().as_raw());
     let allowed = Arc::new(allowed);
+    let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -146,16 +155,26 @@ async fn serve(
                     continue;
                 }
             },
-            _ = stop.cancelled() => return,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            _ = stop.cancelled() => break,
         };
         let remote = remote.clone();
         let allowed = allowed.clone();
         let stop = stop.child_token();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(reason) = serve_connection(stream, peer, remote, &allowed, stop).await {
                 tracing::warn!(peer = %peer, "USB/IP connection ended: {reason}");
             }
         });
+    }
+    // Imports end their sessions on stop; give them a moment to say so to
+    // the server, so the devices are released there rather than timed out.
+    let drained = tokio::time::timeout(STOP_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("USB/IP connections did not end within {STOP_GRACE:?}");
     }
 }
 

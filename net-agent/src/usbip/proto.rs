@@ -144,6 +144,10 @@ pub const USB_INTERFACE_LEN: usize = 4;
 pub const URB_HEADER_LEN: usize = 48;
 /// Size of an [`IsoPacketDescriptor`].
 pub const ISO_DESCRIPTOR_LEN: usize = 16;
+/// The most isochronous packets any USB/IP peer puts in one URB (usbip-win2's
+/// limit; Linux's stub allows fewer): a larger count is an error, not an
+/// allocation.
+pub const MAX_ISO_PACKETS: usize = 1024;
 /// Size of a busid field, including its terminating NUL.
 pub const BUSID_LEN: usize = 32;
 /// Size of a path field, including its terminating NUL.

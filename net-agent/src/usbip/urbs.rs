@@ -25,9 +25,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::proto::{
-    CmdSubmit, CmdUnlink, ISO_DESCRIPTOR_LEN, IsoPacketDescriptor, ProtocolError, RetSubmit,
-    RetUnlink, URB_HEADER_LEN, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN, UrbHeader,
-    data_len_out, endpoint_address, iso_descriptors_len,
+    CmdSubmit, CmdUnlink, ISO_DESCRIPTOR_LEN, IsoPacketDescriptor, MAX_ISO_PACKETS, ProtocolError,
+    RetSubmit, RetUnlink, URB_HEADER_LEN, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN,
+    UrbHeader, data_len_out, endpoint_address, iso_descriptors_len,
 };
 use super::read_payload;
 
@@ -251,7 +251,7 @@ async fn read_submit_payload<R: AsyncRead + Unpin>(
         .await
         .map_err(|_| EndReason::ClientClosed)?;
     let iso_len = iso_descriptors_len(cmd.number_of_packets);
-    if iso_len > 1024 * ISO_DESCRIPTOR_LEN {
+    if iso_len > MAX_ISO_PACKETS * ISO_DESCRIPTOR_LEN {
         return Err(EndReason::Protocol(format!(
             "{} isochronous packets is more than any client sends",
             cmd.number_of_packets
