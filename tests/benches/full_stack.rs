@@ -39,10 +39,10 @@ fn main() {
         let gateway_addr = setup.gateway;
         let busid = setup.busid(zero::VID, zero::PID).await;
         let device = usbip::import(gateway_addr, &busid).await.unwrap();
-        let echo = EchoPeer::start().await;
+        let echo = &EchoPeer::start().await;
         // The bench process holds the USB/IP client, the client side and
         // both ends of the echo.
-        let cpu = CpuMeter::new(&[
+        let cpu = &CpuMeter::new(&[
             setup.server.helper.child.id(),
             setup.server.agent.as_ref().unwrap().child.id(),
         ]);
@@ -53,66 +53,16 @@ fn main() {
         println!(
             "gateway: USB/IP over loopback TCP to the gateway (p2p-usb serve-usbip, as `usbip attach` uses it)"
         );
-        println!("{}", Throughput::header("gateway", "iroh"));
-        let (imported, echo, cpu) = (&device, &echo, &cpu);
-        print_bulk_rows(
-            cpu,
-            BULK_BYTES,
-            async || set_configuration(imported, zero::CONFIG_LOOPBACK).await,
-            move |depth, size| bulk_stack(imported, depth, size),
-            move |depth, size| echo.bulk(depth, size),
-        )
-        .await;
-        set_configuration(&device, zero::CONFIG_SOURCE_SINK).await;
-        device.close().await;
-        // One connection serves every round-trip block, as `usbip attach`
-        // keeps its socket for as long as the device is attached.
         let busid = busid.as_str();
-        let result = {
-            let imported = tokio::sync::Mutex::new(import_raw(gateway_addr, busid).await);
-            let imported = &imported;
-            RoundTrips::compare(
-                move || async move { rtt_stack(&mut *imported.lock().await).await },
-                move || echo.rtt(),
-            )
-            .await
-        };
-        println!("{}", RoundTrips::header("gateway", "iroh"));
-        for row in result.rows() {
-            println!("{row}");
-        }
-
+        measure_path("gateway", cpu, echo, device, import_raw(gateway_addr, busid)).await;
         println!(
             "attach: USB/IP over a Unix socket pair (p2p-usb attach, as vhci_hcd uses it)"
         );
-        println!("{}", Throughput::header("attach", "iroh"));
         let (stream, described) = setup.attach_pair(busid).await;
         let (reader, writer) = stream.into_split();
-        let attached_device = Imported::over(described, reader, writer);
-        let attached = &attached_device;
-        print_bulk_rows(
-            cpu,
-            BULK_BYTES,
-            async || set_configuration(attached, zero::CONFIG_LOOPBACK).await,
-            move |depth, size| bulk_stack(attached, depth, size),
-            move |depth, size| echo.bulk(depth, size),
-        )
-        .await;
-        set_configuration(attached, zero::CONFIG_SOURCE_SINK).await;
-        attached_device.close().await;
-        // One socket pair serves every round-trip block of the attach path,
-        // as vhci_hcd keeps its socket for as long as the device is attached.
-        let (pair, _) = setup.attach_pair(busid).await;
-        let pair = &tokio::sync::Mutex::new(pair);
-        let result = RoundTrips::compare(
-            move || async move { rtt_stack(&mut *pair.lock().await).await },
-            move || echo.rtt(),
-        )
-        .await;
-        println!("{}", RoundTrips::header("attach", "iroh"));
-        for row in result.rows() {
-            println!("{row}");
-        }
+        let attached = Imported::over(described, reader, writer);
+        let pair = async { setup.attach_pair(busid).await.0 };
+        measure_path("attach", cpu, echo, attached, pair).await;
         let rss = |pid: u32| vm_hwm(&format!("/proc/{pid}/status"));
         let helper_rss = rss(setup.server.helper.child.id());
         let agent_rss = rss(setup.server.agent.as_ref().unwrap().child.id());
@@ -121,6 +71,41 @@ fn main() {
             "peak resident memory: helper {helper_rss} KiB, agent {agent_rss} KiB, client+gateway+bench {client_rss} KiB"
         );
     });
+}
+
+/// The bulk table and the round trips of one way into the client: bulk
+/// through `device`, then, once it is closed, round trips on one connection
+/// from `connect`, kept for every block as `usbip attach` and vhci_hcd keep
+/// theirs for as long as the device is attached.
+async fn measure_path<S: AsyncRead + AsyncWrite + Unpin>(
+    label: &str,
+    cpu: &CpuMeter,
+    echo: &EchoPeer,
+    device: Imported,
+    connect: impl Future<Output = S>,
+) {
+    println!("{}", Throughput::header(label, "iroh"));
+    let imported = &device;
+    print_bulk_rows(
+        cpu,
+        BULK_BYTES,
+        async || set_configuration(imported, zero::CONFIG_LOOPBACK).await,
+        move |depth, size| bulk_stack(imported, depth, size),
+        move |depth, size| echo.bulk(depth, size),
+    )
+    .await;
+    set_configuration(imported, zero::CONFIG_SOURCE_SINK).await;
+    device.close().await;
+    let connection = &tokio::sync::Mutex::new(connect.await);
+    let result = RoundTrips::compare(
+        move || async move { rtt_stack(&mut *connection.lock().await).await },
+        move || echo.rtt(),
+    )
+    .await;
+    println!("{}", RoundTrips::header(label, "iroh"));
+    for row in result.rows() {
+        println!("{row}");
+    }
 }
 
 fn vm_hwm(path: &str) -> u64 {
