@@ -71,6 +71,12 @@ fn socket_activation_ready_status_watchdog_and_stopping() {
     let ready = helper.notify.wait_for("READY=1", Duration::from_secs(10));
     assert!(ready.has("STATUS=2 devices, 0 open, 0 peers"), "{ready:?}");
     drop(probe);
+    let log = helper.process.output();
+    assert!(
+        log.contains("listening on the socket passed by systemd")
+            && !log.contains("but [helper] socket"),
+        "{log}"
+    );
 
     // WATCHDOG_USEC=1s: a ping every 0.5 s while healthy.
     let since = Instant::now();
@@ -85,6 +91,36 @@ fn socket_activation_ready_status_watchdog_and_stopping() {
         .wait_timeout(Duration::from_secs(6))
         .expect("exits after SIGTERM");
     assert!(status.success(), "{status:?}\n{}", helper.process.output());
+}
+
+#[test]
+fn a_socket_unit_naming_another_path_than_the_config_is_reported() {
+    let mut helper = start_activated_helper("", None);
+    // The helper starts on the first connection and reads its configuration then.
+    let elsewhere = helper.dir.path().join("elsewhere.sock");
+    let text = std::fs::read_to_string(&helper.config).unwrap().replace(
+        &format!("socket = \"{}\"", helper.socket.display()),
+        &format!("socket = \"{}\"", elsewhere.display()),
+    );
+    std::fs::write(&helper.config, text).unwrap();
+    let _probe = std::os::unix::net::UnixStream::connect(&helper.socket).unwrap();
+    helper.notify.wait_for("READY=1", Duration::from_secs(10));
+    let expected = format!(
+        "listening on {} (passed by systemd), but [helper] socket in {} is {}",
+        helper.socket.display(),
+        helper.config.display(),
+        elsewhere.display()
+    );
+    let log = helper.process.output();
+    assert!(log.contains(&expected), "{log}");
+    // It still serves the socket it was given.
+    helper.process.signal(Signal::SIGTERM);
+    assert!(
+        helper
+            .process
+            .wait_timeout(Duration::from_secs(6))
+            .is_some()
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ pub mod sim;
 pub mod transfer;
 pub mod usbfs;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use p2p_usb_common::access::AccessList;
 use p2p_usb_common::config::{self, ConfigError};
@@ -92,7 +92,19 @@ pub fn run(options: HelperOptions) -> Result<(), HelperError> {
     runtime.block_on(async {
         let listener = match service::activated_unix_listener("helper")? {
             Some(listener) => {
-                tracing::info!("listening on the socket passed by systemd");
+                let configured = &file.value.helper.socket;
+                match listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)) {
+                    Some(activated) if activated != *configured => tracing::warn!(
+                        "listening on {} (passed by systemd), but [helper] socket in {} is {}: \
+                         agents using that file connect there and find no helper; \
+                         make ListenStream= and [helper] socket name the same path",
+                        activated.display(),
+                        path.display(),
+                        configured.display()
+                    ),
+                    Some(activated) => tracing::info!(socket = %activated.display(), "listening on the socket passed by systemd"),
+                    None => tracing::info!("listening on the socket passed by systemd"),
+                }
                 listener
             }
             None => {
