@@ -79,6 +79,10 @@ pub async fn run(
     let key = client::pick_device(&devices, device)?.key.clone();
     let mut opened = Some((session, events));
     let mut backoff = BACKOFF_START;
+    // Once the device has been attached, failures to open it again that can
+    // pass (the server still releasing it from the lost session, a helper
+    // restarting) are waited out; before that, they are the answer.
+    let mut attached_before = false;
     loop {
         let (session, events) = match opened.take() {
             Some(opened) => opened,
@@ -105,9 +109,23 @@ pub async fn run(
                 }
                 continue;
             }
-            Err(OpenError::Failed(e)) => return Err(ClientError::Usb(e).into()),
+            Err(OpenError::Failed(e)) if attached_before && passing(&e) => {
+                session.close();
+                tracing::warn!(device = %key, "re-attaching in {backoff:?}: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Err(OpenError::Failed(e)) => {
+                session.close();
+                return Err(ClientError::Usb(e).into());
+            }
         };
         backoff = BACKOFF_START;
+        attached_before = true;
         let (handle, info) = info;
         let usbip = usbip_device(&info, remote.label());
         let (ours, kernels) =
@@ -181,6 +199,16 @@ async fn open(
         }
         Err(e) => Err(OpenError::Failed(e)),
     }
+}
+
+/// True for an open failure that goes away by itself: the device still held
+/// by the session the server is tearing down, or the server's own link to
+/// its USB helper down for a restart.
+fn passing(error: &UsbError) -> bool {
+    matches!(
+        error,
+        UsbError::Busy(_) | UsbError::Io(_) | UsbError::Timeout
+    )
 }
 
 /// Polls the server until the device is listed again; false if stopped.
