@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use p2p_usb_agent::usbip::client::{self as usbip, UrbData};
+use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
 use p2p_usb_agent::usbip::proto::{
     CmdSubmit, OpHeader, ST_DEV_BUSY, ST_NODEV, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN,
     UrbHeader,
@@ -194,7 +194,20 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
         .transfer(zero::EP_IN, UrbData::In(512), URB_SHORT_NOT_OK)
         .await
         .unwrap();
-    assert_eq!(strict.status, EREMOTEIO);
+    // As from usbip-host: the error status, and the bytes that did arrive.
+    assert_eq!(
+        (strict.status, strict.actual_length, &strict.data[..]),
+        (EREMOTEIO, 5, &b"short"[..])
+    );
+    device
+        .transfer(zero::EP_OUT, UrbData::Out(Bytes::from(vec![7u8; 512])), 0)
+        .await
+        .unwrap();
+    let full = device
+        .transfer(zero::EP_IN, UrbData::In(512), URB_SHORT_NOT_OK)
+        .await
+        .unwrap();
+    assert_eq!((full.status, full.actual_length), (0, 512), "not short");
 
     let stall = device
         .control(
@@ -229,6 +242,52 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
         cleared.status, 0,
         "CLEAR_FEATURE(HALT) mapped to the real operation"
     );
+    assert_eq!(
+        loop_back(&device, b"after clear").await,
+        (0, b"after clear".to_vec())
+    );
+
+    // A port reset (SET_FEATURE(PORT_RESET) to the device's hub port, which
+    // usbip-host performs as a device reset) clears a halt as well.
+    device
+        .control(
+            zero::control::VENDOR_OUT,
+            zero::control::STALL_ENDPOINT,
+            zero::EP_IN.into(),
+            0,
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    let reset = device
+        .control(
+            0x23,
+            std_request::SET_FEATURE,
+            std_request::PORT_RESET,
+            1,
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reset.status, 0, "PORT_RESET mapped to a device reset");
+    assert_eq!(
+        loop_back(&device, b"after reset").await,
+        (0, b"after reset".to_vec())
+    );
+}
+
+/// Sends `data` out and reads it back through the loopback: the IN's status and bytes.
+async fn loop_back(device: &Imported, data: &'static [u8]) -> (i32, Vec<u8>) {
+    let sent = device
+        .transfer(zero::EP_OUT, UrbData::Out(Bytes::from_static(data)), 0)
+        .await
+        .unwrap();
+    assert_eq!(sent.status, 0);
+    let read = device
+        .transfer(zero::EP_IN, UrbData::In(512), 0)
+        .await
+        .unwrap();
+    (read.status, read.data.to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -298,7 +298,9 @@ fn transfer_for(
         },
         flags: TransferFlags {
             zero_packet: cmd.transfer_flags & URB_ZERO_PACKET != 0,
-            short_not_ok: cmd.transfer_flags & URB_SHORT_NOT_OK != 0,
+            // Applied on completion instead (see `complete`): a short IN with
+            // URB_SHORT_NOT_OK still returns its data, as from usbip-host.
+            short_not_ok: false,
         },
         timeout_ms: None,
     })
@@ -377,9 +379,11 @@ fn complete(
         urb
     };
     if let Some(unlink_seqnum) = urb.unlinked_by {
+        // The status the URB ended with, as usbip-host reports it: 0 when
+        // it completed before the unlink took effect.
         let status = match result {
-            Err(UsbError::Cancelled) => -libc::ECONNRESET,
-            _ => 0,
+            Ok(_) => 0,
+            Err(e) => e.urb_status(),
         };
         let ret = RetUnlink {
             seqnum: unlink_seqnum,
@@ -393,10 +397,19 @@ fn complete(
     match result {
         Ok(Reply::Transferred(completion)) => {
             let actual = completion.actual_length as usize;
-            match RetSubmit::reply_to(&urb.cmd, 0, actual) {
+            let dir_in = urb.cmd.direction == USBIP_DIR_IN;
+            let short = dir_in
+                && urb.cmd.transfer_flags & URB_SHORT_NOT_OK != 0
+                && actual < urb.cmd.transfer_buffer_length.max(0) as usize;
+            let status = if short {
+                UsbError::ShortPacket.urb_status()
+            } else {
+                0
+            };
+            match RetSubmit::reply_to(&urb.cmd, status, actual) {
                 Ok(ret) => Some(Outgoing {
                     header: UrbHeader::RetSubmit(ret).encode(),
-                    data: if urb.cmd.direction == USBIP_DIR_IN {
+                    data: if dir_in {
                         completion.data.slice(..actual.min(completion.data.len()))
                     } else {
                         Bytes::new()
