@@ -217,6 +217,19 @@ impl ConfigFile<ServerConfig> {
         }
         check_iroh(self, &self.value.iroh)
     }
+
+    /// Settings that load but do nothing, each as a line to log at start, so
+    /// a configuration written for the single-unit design does not mislead.
+    pub fn inert_settings(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if !self.value.server.service_mode {
+            notes.push(format!(
+                "{}: service_mode = false has no effect: p2p-usb always runs headless",
+                self.path.display()
+            ));
+        }
+        notes
+    }
 }
 
 fn check_iroh<T>(file: &ConfigFile<T>, iroh: &IrohSection) -> Result<(), ConfigError> {
@@ -228,6 +241,10 @@ fn check_iroh<T>(file: &ConfigFile<T>, iroh: &IrohSection) -> Result<(), ConfigE
         (RelayMode::Default | RelayMode::Disabled, false) => Err(file.error_at(
             iroh.relay_urls[0].span(),
             "relay_urls is only used with relay_mode = \"custom\"",
+        )),
+        (RelayMode::Disabled, _) if !*iroh.direct_connections.get_ref() => Err(file.error_at(
+            iroh.direct_connections.span(),
+            "direct_connections = false with relay_mode = \"disabled\" leaves no way to connect",
         )),
         _ => Ok(()),
     }
@@ -487,10 +504,11 @@ fn default_keyboard_text() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {
-    #[serde(default = "default_state_dir")]
-    pub state_dir: PathBuf,
-    #[serde(default = "default_control_socket")]
-    pub control_socket: PathBuf,
+    /// The agent's state; unset: [`DEFAULT_STATE_DIR`] for the system's
+    /// agent, a directory of the user's own for an agent a user runs.
+    pub state_dir: Option<PathBuf>,
+    /// Unset: [`DEFAULT_CONTROL_SOCKET`], or one of the user's own (as above).
+    pub control_socket: Option<PathBuf>,
     /// Members of this group (and root) may use the control socket.
     #[serde(default = "default_admin_group")]
     pub admin_group: String,
@@ -499,19 +517,11 @@ pub struct AgentSection {
 impl Default for AgentSection {
     fn default() -> Self {
         AgentSection {
-            state_dir: default_state_dir(),
-            control_socket: default_control_socket(),
+            state_dir: None,
+            control_socket: None,
             admin_group: default_admin_group(),
         }
     }
-}
-
-fn default_state_dir() -> PathBuf {
-    DEFAULT_STATE_DIR.into()
-}
-
-fn default_control_socket() -> PathBuf {
-    DEFAULT_CONTROL_SOCKET.into()
 }
 
 fn default_admin_group() -> String {
@@ -550,8 +560,8 @@ pub struct IrohSection {
     pub local_discovery: bool,
     /// Use direct UDP paths (hole punching); false sends everything through
     /// the relay and never reveals this host's addresses to the peer.
-    #[serde(default = "yes")]
-    pub direct_connections: bool,
+    #[serde(default = "spanned_yes")]
+    pub direct_connections: Spanned<bool>,
 }
 
 impl Default for IrohSection {
@@ -562,9 +572,13 @@ impl Default for IrohSection {
             bind_addr: default_bind(),
             dns_discovery: true,
             local_discovery: false,
-            direct_connections: true,
+            direct_connections: spanned_yes(),
         }
     }
+}
+
+fn spanned_yes() -> Spanned<bool> {
+    Spanned::new(0..0, true)
 }
 
 fn default_relay_mode() -> Spanned<RelayMode> {
@@ -670,6 +684,24 @@ mod tests {
     }
 
     #[test]
+    fn service_mode_false_is_reported_as_inert() {
+        assert!(
+            parse("[server]\nservice_mode = true\n")
+                .unwrap()
+                .inert_settings()
+                .is_empty()
+        );
+        let notes = parse("[server]\nservice_mode = false\n")
+            .unwrap()
+            .inert_settings();
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].contains("service_mode = false has no effect"),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
     fn original_guide_config_loads() {
         let file = parse(
             r#"
@@ -751,6 +783,12 @@ require_approval = true
         assert!(msg.contains("only used with"), "{msg}");
         parse("[iroh]\nrelay_mode = \"custom\"\nrelay_urls = [\"https://relay.example\"]\n")
             .unwrap();
+        let msg = error("[iroh]\nrelay_mode = \"disabled\"\ndirect_connections = false\n");
+        assert!(
+            msg.contains(":3:") && msg.contains("no way to connect"),
+            "{msg}"
+        );
+        parse("[iroh]\ndirect_connections = false\n").unwrap();
     }
 
     #[test]

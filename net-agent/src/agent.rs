@@ -4,7 +4,6 @@
 //! which devices they see (shares), forwarding transfers untouched.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ use crate::control::{
 use crate::helper_link::{self, HelperState};
 use crate::identity::{self, IdentityError};
 use crate::net::{self, NetError, close};
+pub use crate::paths::AgentPaths;
 use crate::policy::{Policy, PolicyError, PolicyLoadError};
 use crate::session;
 
@@ -32,36 +32,6 @@ use crate::session;
 pub const READY_WAIT: Duration = Duration::from_secs(10);
 /// How long sessions get to wind down on stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-
-/// Paths the agent uses, from the config unless overridden on the command line
-/// (the template units pass per-instance paths).
-#[derive(Debug, Clone)]
-pub struct AgentPaths {
-    pub helper_socket: PathBuf,
-    pub state_dir: PathBuf,
-    pub control_socket: PathBuf,
-}
-
-impl AgentPaths {
-    /// Config values with command-line overrides applied.
-    pub fn resolve(
-        config: &ServerConfig,
-        helper_socket: Option<PathBuf>,
-        state_dir: Option<PathBuf>,
-        control_socket: Option<PathBuf>,
-    ) -> Self {
-        AgentPaths {
-            helper_socket: helper_socket.unwrap_or_else(|| config.helper.socket.clone()),
-            state_dir: state_dir.unwrap_or_else(|| config.agent.state_dir.clone()),
-            control_socket: control_socket.unwrap_or_else(|| config.agent.control_socket.clone()),
-        }
-    }
-
-    /// Where the server's identity key lives.
-    pub fn secret_key(&self) -> PathBuf {
-        self.state_dir.join("secret.key")
-    }
-}
 
 /// Everything that stops the agent from serving.
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +224,8 @@ pub async fn serve(
     let admins = admin_access(config)?;
     let key = identity::load_or_create(&paths.secret_key())?;
     let endpoint = net::bind_endpoint(&config.value.iroh, &relays, key, true).await?;
-    tracing::info!("Server NodeId: {}", endpoint.id());
+    // Printed, not logged: the line the operator looks for, whatever the log level.
+    println!("Server NodeId: {}", endpoint.id());
     let control_listener = control::bind(&paths.control_socket)?;
     tracing::info!(socket = %paths.control_socket.display(), "control socket ready");
 
@@ -366,7 +337,7 @@ async fn log_ticket(endpoint: Endpoint) {
         }
     })
     .await;
-    tracing::info!("Ticket: {}", net::ticket(&endpoint));
+    println!("Ticket: {}", net::ticket(&endpoint));
 }
 
 async fn accept_loop(agent: Arc<Agent>) {

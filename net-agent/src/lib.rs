@@ -11,6 +11,7 @@ pub mod demo;
 pub mod helper_link;
 pub mod identity;
 pub mod net;
+pub mod paths;
 pub mod peer_uid;
 pub mod policy;
 mod quic_writer;

@@ -90,7 +90,8 @@ pub async fn bind_endpoint(
         }
     };
     builder = builder.clear_ip_transports();
-    if iroh.direct_connections {
+    let direct = *iroh.direct_connections.get_ref();
+    if direct {
         builder = builder
             .bind_addr(iroh.bind_addr)
             .map_err(|e| NetError::Bind {
@@ -98,7 +99,7 @@ pub async fn bind_endpoint(
                 reason: e.to_string(),
             })?;
     }
-    if iroh.bind_addr.ip().is_loopback() || !iroh.direct_connections {
+    if iroh.bind_addr.ip().is_loopback() || !direct {
         // Port mapping (UPnP, NAT-PMP) is useless without a reachable socket.
         builder = builder.portmapper_config(PortmapperConfig::Disabled);
     }

@@ -16,6 +16,9 @@ use iroh::EndpointId;
 use p2p_usb_common::config::{ConfigError, ConfigFile, ServerConfig};
 use p2p_usb_common::proto::DeviceKey;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Refused clients remembered for `pending` at most.
+pub const PENDING_LIMIT: usize = 256;
 use tokio::sync::watch;
 
 use crate::net;
@@ -150,13 +153,24 @@ impl Policy {
                 client.attempts += 1;
                 client.address = address.to_string();
             }
-            None => state.pending.clients.push(PendingClient {
-                id: text,
-                first_seen: now,
-                last_seen: now,
-                attempts: 1,
-                address: address.to_string(),
-            }),
+            None => {
+                // Bounded: a peer minting new identities cannot grow the list
+                // (or the file) without end; the longest-quiet entry goes.
+                if state.pending.clients.len() >= PENDING_LIMIT
+                    && let Some(oldest) = (0..state.pending.clients.len())
+                        .min_by_key(|&i| state.pending.clients[i].last_seen)
+                {
+                    let dropped = state.pending.clients.remove(oldest);
+                    tracing::debug!(client = %dropped.id, "pending list full; forgetting the longest-quiet entry");
+                }
+                state.pending.clients.push(PendingClient {
+                    id: text,
+                    first_seen: now,
+                    last_seen: now,
+                    attempts: 1,
+                    address: address.to_string(),
+                });
+            }
         }
         write_state(&self.dir.join("pending.toml"), &state.pending)
     }
@@ -280,7 +294,11 @@ fn write_state<T: Serialize>(path: &Path, value: &T) -> Result<(), PolicyError> 
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     let temp = path.with_extension("toml.tmp");
-    std::fs::write(&temp, text).map_err(err)?;
+    let mut file = std::fs::File::create(&temp).map_err(err)?;
+    // On disk before the rename makes it the state: a power cut leaves the
+    // old file or the new one, never an empty one.
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)?;
     std::fs::rename(&temp, path).map_err(err)
 }
 
@@ -338,6 +356,27 @@ mod tests {
             "revocation overrides the config file"
         );
         assert!(reloaded.pending().is_empty());
+    }
+
+    #[test]
+    fn the_pending_list_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy::load(&config(""), dir.path()).unwrap();
+        let strangers: Vec<EndpointId> = (0..=PENDING_LIMIT)
+            .map(|_| SecretKey::generate().public())
+            .collect();
+        for stranger in &strangers {
+            policy.record_refused(stranger, "127.0.0.1:5").unwrap();
+        }
+        let pending: Vec<String> = policy.pending().into_iter().map(|c| c.id).collect();
+        assert_eq!(pending.len(), PENDING_LIMIT);
+        assert!(
+            !pending.contains(&strangers[0].to_string()),
+            "the oldest went"
+        );
+        assert!(pending.contains(&strangers[PENDING_LIMIT].to_string()));
+        let reloaded = Policy::load(&config(""), dir.path()).unwrap();
+        assert_eq!(reloaded.pending().len(), PENDING_LIMIT);
     }
 
     #[test]

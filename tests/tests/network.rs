@@ -49,6 +49,16 @@ async fn approved_client_uses_devices_over_a_direct_iroh_path() {
 
     let addr = server.addr().await;
     assert_eq!(addr.id.to_string(), server.id().await);
+    // On start the agent prints its id and a ticket for the operator.
+    let agent = server.agent.as_ref().unwrap();
+    let printed = format!("Server NodeId: {}\n", server.id().await);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !(agent.output().contains(&printed) && agent.output().contains("\nTicket: ")) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no NodeId and ticket lines:\n{}", agent.output()));
     let (_connection, session, _events) = open_session(&client, &addr).await;
     let devices = client::list_devices(&session).await.unwrap();
     assert_eq!(devices.len(), 2, "{devices:?}");

@@ -68,6 +68,9 @@ pub fn run(options: HelperOptions) -> Result<(), HelperError> {
     let target = p2p_usb_common::logging::init(Some(file.value.server.log_level), "p2p-usb-helper");
     let report = privileges::drop_privileges(options.allow_root)?;
     tracing::info!(config = %path.display(), log = ?target, "p2p-usb-helper {} starting; {report}", env!("CARGO_PKG_VERSION"));
+    for note in file.inert_settings() {
+        tracing::warn!("{note}");
+    }
     let access = AccessList::resolve(
         &file,
         &file.value.helper.allowed_users,

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use p2p_usb_agent::agent::{self, AgentPaths};
 use p2p_usb_agent::control::{self, ControlReply, ControlRequest};
+use p2p_usb_agent::paths::{Purpose, Scope};
 use p2p_usb_agent::{helper_link, identity};
 use p2p_usb_common::config::{self, ConfigError, ConfigFile, ServerConfig};
 use p2p_usb_common::exit;
@@ -19,10 +20,13 @@ struct Args {
     /// Helper socket [default: [helper] socket from the configuration]
     #[arg(long, global = true)]
     helper_socket: Option<PathBuf>,
-    /// State directory [default: [agent] state_dir from the configuration]
+    /// State directory [default: [agent] state_dir from the configuration, else /var/lib/p2p-usb
+    /// for the system's agent (a service or root), ~/.local/state/p2p-usb for a user's own]
     #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
-    /// Control socket [default: [agent] control_socket from the configuration]
+    /// Control socket [default: [agent] control_socket from the configuration, else
+    /// /run/p2p-usb-agent/control.sock, or $XDG_RUNTIME_DIR/p2p-usb-agent/control.sock for a
+    /// user's own agent]
     #[arg(long, global = true)]
     control_socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -80,11 +84,23 @@ fn main() {
         (Err(e), _) => exit::fail(PROGRAM, e, exit::CONFIG),
     };
     p2p_usb_common::logging::init(Some(file.value.server.log_level), PROGRAM);
+    for note in file.inert_settings() {
+        tracing::warn!("{note}");
+    }
+    let serving = matches!(command, Command::Serve);
     let paths = AgentPaths::resolve(
         &file.value,
-        args.helper_socket,
-        args.state_dir,
-        args.control_socket,
+        AgentPaths {
+            helper_socket: args.helper_socket,
+            state_dir: args.state_dir,
+            control_socket: args.control_socket,
+        },
+        &Scope::detect(),
+        if serving {
+            Purpose::Serve
+        } else {
+            Purpose::Command
+        },
     );
     let runtime = match p2p_usb_common::service::runtime() {
         Ok(runtime) => runtime,
