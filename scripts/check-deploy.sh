@@ -181,6 +181,16 @@ if DESTDIR=$DEST PREFIX=/usr/local "$REPO/scripts/install-service.sh" --all --bi
 else
     cat "$WORK/install2.log"; fail "re-running the installer changed the tree or overwrote the config"
 fi
+# Files of the single-unit design are pointed out, not touched.
+install -D -m 644 /dev/null "$DEST/etc/udev/rules.d/99-p2p-usb.rules"
+if DESTDIR=$DEST PREFIX=/usr/local "$REPO/scripts/install-service.sh" --all --bin-dir "$BIN_DIR" >"$WORK/install3.log" 2>&1 \
+    && grep -q 'found /etc/udev/rules.d/99-p2p-usb.rules of the single-unit design' "$WORK/install3.log" \
+    && [ -e "$DEST/etc/udev/rules.d/99-p2p-usb.rules" ]; then
+    ok "a leftover of the single-unit design is reported and kept"
+else
+    cat "$WORK/install3.log"; fail "the installer did not report the single-unit udev rule"
+fi
+rm -f "$DEST/etc/udev/rules.d/99-p2p-usb.rules"
 
 # ---------------------------------------------------------------------------
 section "4. systemd-analyze verify"
@@ -368,6 +378,8 @@ fi
 
 # ---------------------------------------------------------------------------
 section "9. uninstall --purge from the DESTDIR"
+# An administrator's scope rule, copied from the example, goes with --purge too.
+install -D -m 644 "$REPO/udev/69-p2p-usb-scope.rules.example" "$DEST/etc/udev/rules.d/69-p2p-usb-scope.rules"
 if DESTDIR=$DEST PREFIX=/usr/local "$REPO/scripts/uninstall-service.sh" --purge >"$WORK/uninstall.log" 2>&1 \
     && DESTDIR=$DEST PREFIX=/usr/local "$REPO/scripts/uninstall-service.sh" --purge >>"$WORK/uninstall.log" 2>&1; then
     left=$(cd "$DEST" && find . -type f | sort)

@@ -211,6 +211,16 @@ if [ "$LIVE" -eq 1 ]; then
     fi
 fi
 
+# --- leftovers of the single-unit design -----------------------------------
+if [ "$ROLE_SERVER" -eq 1 ]; then
+    for old in /etc/systemd/system/p2p-usb-server.service /usr/local/bin/p2p-usb-server \
+        /etc/udev/rules.d/99-p2p-usb.rules; do
+        if [ -e "$DESTDIR$old" ]; then
+            warn "found $old of the single-unit design: remove it (docs/SYSTEMD.md, \"Migrating from the single-unit service\")"
+        fi
+    done
+fi
+
 # --- next steps -----------------------------------------------------------
 if [ "$LIVE" -eq 1 ]; then
     say ""

@@ -103,17 +103,22 @@ if [ "$ROLE_SERVER" -eq 1 ] && [ "$ROLE_CLIENT" -eq 1 ]; then
     rmdir "$DESTDIR$DOCDIR/examples" "$DESTDIR$DOCDIR" 2>/dev/null || true
 fi
 
+# The scope rule is the administrator's own file (copied from the example).
+SCOPE_RULE=/etc/udev/rules.d/69-p2p-usb-scope.rules
 if [ "$PURGE" -eq 1 ]; then
     if [ "$ROLE_SERVER" -eq 1 ]; then
         rm -rf "$DESTDIR/var/lib/p2p-usb" "$DESTDIR/run/p2p-usb" "$DESTDIR/run/p2p-usb-agent"
-        rm -f "$DESTDIR$CONFDIR"/server.toml "$DESTDIR$CONFDIR"/server-*.toml
-        say "  purged    /var/lib/p2p-usb (identity key, approvals) and /etc/p2p-usb/server*.toml"
+        rm -f "$DESTDIR$CONFDIR"/server.toml "$DESTDIR$CONFDIR"/server-*.toml "$DESTDIR$SCOPE_RULE"
+        say "  purged    /var/lib/p2p-usb (identity key, approvals), /etc/p2p-usb/server*.toml and $SCOPE_RULE"
     fi
     if [ "$ROLE_CLIENT" -eq 1 ]; then
         rm -f "$DESTDIR$CONFDIR/client.toml"
         say "  purged    /etc/p2p-usb/client.toml (per-user ~/.config/p2p-usb and keys are left alone)"
     fi
-    rmdir "$DESTDIR$CONFDIR" 2>/dev/null || true
+    rmdir "$DESTDIR$CONFDIR" 2>/dev/null ||
+        { [ -d "$DESTDIR$CONFDIR" ] && warn "kept $CONFDIR: it holds files not installed by p2p-usb"; }
+elif [ "$ROLE_SERVER" -eq 1 ] && [ -e "$DESTDIR$SCOPE_RULE" ]; then
+    say "  kept      $SCOPE_RULE (yours; --purge deletes it)"
 fi
 
 # --- reload ---------------------------------------------------------------
