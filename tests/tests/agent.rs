@@ -141,3 +141,70 @@ fn agent_survives_kill_9_of_the_helper_and_reconnects() {
         agent.output()
     );
 }
+
+#[test]
+fn an_agent_run_by_a_user_keeps_its_state_in_the_users_own_directories() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        eprintln!(
+            "needs root to run the agent as another user; the path rules are unit-tested in net-agent's paths module"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (home, runtime) = (dir.path().join("home"), dir.path().join("run"));
+    for owned in [&home, &runtime] {
+        std::fs::create_dir(owned).unwrap();
+        std::os::unix::fs::chown(owned, Some(NOBODY), Some(NOBODY)).unwrap();
+        std::fs::set_permissions(owned, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlog_level = \"warn\"\n[helper]\nsocket = \"{}\"\n[iroh]\nrelay_mode = \"disabled\"\nbind_addr = \"127.0.0.1:0\"\ndns_discovery = false\n",
+            dir.path().join("helper.sock").display()
+        ),
+    )
+    .unwrap();
+    let as_user = |args: &[&str]| {
+        let mut command = Command::new(bin("p2p-usb-agent"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_clear()
+            .env("HOME", &home)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .uid(NOBODY)
+            .gid(NOBODY);
+        command
+    };
+    let agent = Process::spawn(as_user(&["serve"]), dir.path().join("agent.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let id = loop {
+        if let Some(id) = agent
+            .output()
+            .lines()
+            .find_map(|l| l.strip_prefix("Server NodeId: "))
+        {
+            break id.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no NodeId line:\n{}",
+            agent.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let key = home.join(".local/state/p2p-usb/secret.key");
+    let meta = std::fs::metadata(&key).unwrap_or_else(|e| panic!("{}: {e}", key.display()));
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (NOBODY, 0o600));
+    assert!(runtime.join("p2p-usb-agent/control.sock").exists());
+    // The user's commands reach the user's own agent.
+    let asked = as_user(&["id"]).output().unwrap();
+    assert!(asked.status.success(), "{asked:?}");
+    assert_eq!(String::from_utf8_lossy(&asked.stdout).trim(), id);
+}
