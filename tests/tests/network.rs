@@ -157,7 +157,7 @@ async fn unapproved_client_is_pending_until_approved_and_revoke_cuts_it_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_shared_devices_are_visible_and_unsharing_withdraws_them() {
     let dir = tempfile::tempdir().unwrap();
-    let (client, server) = start_with_approved_client(dir.path(), "auto_share = false").await;
+    let (client, mut server) = start_with_approved_client(dir.path(), "auto_share = false").await;
     let (_connection, session, mut events) = open_session(&client, &server.addr().await).await;
     assert!(
         client::list_devices(&session).await.unwrap().is_empty(),
@@ -201,12 +201,25 @@ async fn only_shared_devices_are_visible_and_unsharing_withdraws_them() {
     server
         .control(ControlRequest::Share(hidden.to_string()))
         .await;
-    match server.control(ControlRequest::Devices).await {
-        ControlReply::Devices(devices) => {
-            assert!(devices.iter().any(|d| d.device.key == hidden && d.shared))
+    let agent = server.agent.as_mut().unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent stops");
+    server.start_agent();
+    let listed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let ControlReply::Devices(devices) = server.control(ControlRequest::Devices).await
+                && let Some(device) = devices.into_iter().find(|d| d.device.key == hidden)
+            {
+                return device;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        other => panic!("{other:?}"),
-    }
+    })
+    .await
+    .expect("the restarted agent lists the device");
+    assert!(listed.shared, "the share was kept across the restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
