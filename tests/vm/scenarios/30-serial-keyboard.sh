@@ -2,8 +2,9 @@
 # vm-timeout: 400
 # Interrupt and bulk endpoints of non-storage devices through the whole stack:
 # the FTDI usb-serial (bytes written to the attached /dev/ttyUSB* reach QEMU's chardev
-# on the host) and the usb-kbd (its interrupt IN endpoint stays polled through the
-# stack; keys injected into QEMU arrive as input events on the attached copy).
+# on the host; detached with `p2p-usb detach PORT`) and the usb-kbd (its interrupt IN
+# endpoint stays polled through the stack; keys injected into QEMU arrive as input
+# events on the attached copy).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -37,7 +38,13 @@ wait_for 60 "64 KiB in QEMU's serial chardev" serial_size
 [ "$(vmctl read-serial | head -c 65536 | sha256sum)" = "$(sha256sum <"$burst")" ] || fail "64 KiB burst arrived altered"
 log "serial: line and 64 KiB burst arrived in QEMU's chardev intact"
 
-p2p_detach serial 30
+# Detached the documented way: `p2p-usb detach PORT` by the user, from another shell.
+port=$(attached_port serial) || { show_attach serial; fail "no vhci port in the serial attach log"; }
+as_tester p2p-usb detach "$port" | has -x "detached vhci port $port" || fail "p2p-usb detach $port failed"
+wait_for 30 "p2p-usb attach (serial) to end after p2p-usb detach" not attach_running serial ||
+  { show_attach serial; fail "the attach process kept running after p2p-usb detach"; }
+grep -q "^detached .* from vhci port $port$" "$(attach_log serial)" ||
+  { show_attach serial; fail "the attach process did not report the detach"; }
 wait_no_vhci "$VM_SERIAL_VIDPID" 30
 wait_for 30 "ttyUSB of $serial back locally" usb_tty "$serial" >/dev/null
 log "serial detached; $(usb_tty "$serial") back on ftdi_sio"
