@@ -26,6 +26,8 @@ pub const DEFAULT_HELPER_SOCKET: &str = "/run/p2p-usb/helper.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/p2p-usb";
 /// Default agent control socket (under the unit's `RuntimeDirectory=`).
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/p2p-usb-agent/control.sock";
+/// The user the agent service runs as (packaging/sysusers.d).
+pub const AGENT_USER: &str = "p2p-usb";
 
 /// A configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -368,7 +370,7 @@ fn default_helper_socket() -> PathBuf {
 }
 
 fn default_helper_users() -> Vec<Spanned<Principal>> {
-    vec![Spanned::new(0..0, Principal::Name("p2p-usb".into()))]
+    vec![Spanned::new(0..0, Principal::Name(AGENT_USER.into()))]
 }
 
 /// One rule of the helper's share ceiling; every key given must match.

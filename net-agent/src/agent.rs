@@ -24,6 +24,7 @@ use crate::helper_link::{self, HelperState};
 use crate::identity::{self, IdentityError};
 use crate::net::{self, NetError, close};
 pub use crate::paths::AgentPaths;
+use crate::paths::Scope;
 use crate::policy::{Policy, PolicyError, PolicyLoadError};
 use crate::session;
 
@@ -218,14 +219,16 @@ impl ControlHandler for Agent {
 pub async fn serve(
     config: &ConfigFile<ServerConfig>,
     paths: &AgentPaths,
+    scope: &Scope,
 ) -> Result<(), AgentError> {
     let policy = Policy::load(config, &paths.state_dir)?;
     let relays = net::relay_urls(config, &config.value.iroh)?;
-    let admins = admin_access(config)?;
+    let admins = admin_access(config, scope)?;
     let key = identity::load_or_create(&paths.secret_key())?;
     let endpoint = net::bind_endpoint(&config.value.iroh, &relays, key, true).await?;
-    // Printed, not logged: the line the operator looks for, whatever the log level.
-    println!("Server NodeId: {}", endpoint.id());
+    // Printed, not logged: the line the operator looks for, whatever the log
+    // level. A closed stdout is no reason to stop serving.
+    print_line(&format!("Server NodeId: {}", endpoint.id()));
     let control_listener = control::bind(&paths.control_socket)?;
     tracing::info!(socket = %paths.control_socket.display(), "control socket ready");
 
@@ -309,9 +312,16 @@ pub async fn serve(
     Ok(())
 }
 
-/// Root, the agent's own user, and the configured admin group.
-fn admin_access(config: &ConfigFile<ServerConfig>) -> Result<AccessList, ConfigError> {
+/// Root, the agent's own user, and the configured admin group; for a user's
+/// own agent, that user and root alone.
+fn admin_access(
+    config: &ConfigFile<ServerConfig>,
+    scope: &Scope,
+) -> Result<AccessList, ConfigError> {
     let mut access = AccessList::new([0, nix::unistd::geteuid().as_raw()], []);
+    if scope.is_personal() {
+        return Ok(access);
+    }
     let group = &config.value.agent.admin_group;
     match nix::unistd::Group::from_name(group) {
         Ok(Some(group)) => access.allow_gid(group.gid.as_raw()),
@@ -337,7 +347,13 @@ async fn log_ticket(endpoint: Endpoint) {
         }
     })
     .await;
-    println!("Ticket: {}", net::ticket(&endpoint));
+    print_line(&format!("Ticket: {}", net::ticket(&endpoint)));
+}
+
+/// One line to standard output, where `println!` would panic if it is closed.
+fn print_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 async fn accept_loop(agent: Arc<Agent>) {

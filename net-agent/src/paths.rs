@@ -1,19 +1,26 @@
 //! Where an agent keeps its state and its control socket. The system's agent
-//! (a service, or run by root) uses the system paths the units create; an
-//! agent a user runs for themselves keeps its identity and approvals in a
-//! directory of their own, as the client does, instead of failing on
-//! `/var/lib`.
+//! uses the directories its unit declares (or, run by root, the system
+//! paths); an agent a user runs for themselves keeps its identity and
+//! approvals in a directory of their own, as the client does, instead of
+//! failing on `/var/lib`.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use p2p_usb_common::config::{DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR, ServerConfig};
+use p2p_usb_common::config::{AGENT_USER, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR, ServerConfig};
 
 /// Whose agent this process is or talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
-    /// The system's: [`DEFAULT_STATE_DIR`] and [`DEFAULT_CONTROL_SOCKET`].
+    /// The system's, without directories from a unit: [`DEFAULT_STATE_DIR`]
+    /// and [`DEFAULT_CONTROL_SOCKET`].
     System,
+    /// A unit with `StateDirectory=` (and `RuntimeDirectory=`): the
+    /// directories systemd made for it, the system units' or a user unit's.
+    Unit {
+        state_dir: PathBuf,
+        runtime_dir: Option<PathBuf>,
+    },
     /// One user's own: state in `$XDG_STATE_HOME/p2p-usb` (default
     /// `~/.local/state/p2p-usb`), the control socket in
     /// `$XDG_RUNTIME_DIR/p2p-usb-agent/`, else in the state directory.
@@ -24,34 +31,59 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// The scope of this process: the system's when it runs as a service
-    /// (systemd sets `INVOCATION_ID`) or as root, the user's otherwise.
+    /// The scope of this process: its unit's directories when systemd gives
+    /// them (`$STATE_DIRECTORY`, `$RUNTIME_DIRECTORY`); the system's for root
+    /// and for the agent's service user; the user's own otherwise.
     pub fn detect() -> Scope {
-        Scope::from_env(nix::unistd::geteuid().is_root(), |name| {
+        let euid = nix::unistd::geteuid();
+        let service_user = nix::unistd::User::from_name(AGENT_USER)
+            .ok()
+            .flatten()
+            .is_some_and(|user| user.uid == euid);
+        Scope::from_env(euid.is_root() || service_user, |name| {
             std::env::var_os(name)
         })
     }
 
-    /// [`Scope::detect`] with the facts given, for tests.
-    pub fn from_env(root: bool, var: impl Fn(&str) -> Option<OsString>) -> Scope {
-        let absolute = |name: &str| var(name).map(PathBuf::from).filter(|p| p.is_absolute());
-        if root || var("INVOCATION_ID").is_some() {
+    /// [`Scope::detect`] with the facts given: `system_user` for root or the
+    /// service user, `var` for the environment.
+    pub fn from_env(system_user: bool, var: impl Fn(&str) -> Option<OsString>) -> Scope {
+        // systemd passes a colon-separated list; the first is the unit's own.
+        let first = |name: &str| {
+            var(name)
+                .and_then(|v| std::env::split_paths(&v).next())
+                .filter(|p| p.is_absolute())
+        };
+        if let Some(state_dir) = first("STATE_DIRECTORY") {
+            return Scope::Unit {
+                state_dir,
+                runtime_dir: first("RUNTIME_DIRECTORY"),
+            };
+        }
+        if system_user {
             return Scope::System;
         }
-        let state_home = absolute("XDG_STATE_HOME")
-            .or_else(|| absolute("HOME").map(|home| home.join(".local/state")));
+        let state_home =
+            first("XDG_STATE_HOME").or_else(|| first("HOME").map(|home| home.join(".local/state")));
         match state_home {
             Some(state_home) => Scope::User {
                 state_home,
-                runtime_dir: absolute("XDG_RUNTIME_DIR"),
+                runtime_dir: first("XDG_RUNTIME_DIR"),
             },
             None => Scope::System,
         }
     }
 
+    /// True for an agent of one user's own: only that user (and root) may
+    /// use its control socket.
+    pub fn is_personal(&self) -> bool {
+        matches!(self, Scope::User { .. })
+    }
+
     fn state_dir(&self) -> PathBuf {
         match self {
             Scope::System => DEFAULT_STATE_DIR.into(),
+            Scope::Unit { state_dir, .. } => state_dir.clone(),
             Scope::User { state_home, .. } => state_home.join("p2p-usb"),
         }
     }
@@ -59,11 +91,15 @@ impl Scope {
     fn control_socket(&self, state_dir: &Path) -> PathBuf {
         match self {
             Scope::System => DEFAULT_CONTROL_SOCKET.into(),
+            Scope::Unit {
+                runtime_dir: Some(runtime),
+                ..
+            } => runtime.join("control.sock"),
             Scope::User {
                 runtime_dir: Some(runtime),
                 ..
             } => runtime.join("p2p-usb-agent").join("control.sock"),
-            Scope::User { .. } => state_dir.join("control.sock"),
+            Scope::Unit { .. } | Scope::User { .. } => state_dir.join("control.sock"),
         }
     }
 }
@@ -87,9 +123,9 @@ pub struct AgentPaths<P = PathBuf> {
 }
 
 impl AgentPaths {
-    /// Resolves every path. A command run by a user with no agent of their
-    /// own and no socket named talks to the system's agent (an admin
-    /// managing the service from their account).
+    /// Resolves every path. A command run by a user who never ran an agent
+    /// of their own (no state directory) and named no socket talks to the
+    /// system's agent: an admin managing the service from their account.
     pub fn resolve(
         config: &ServerConfig,
         overrides: AgentPaths<Option<PathBuf>>,
@@ -105,7 +141,7 @@ impl AgentPaths {
             .or_else(|| config.agent.control_socket.clone())
             .unwrap_or_else(|| {
                 let own = scope.control_socket(&state_dir);
-                if purpose == Purpose::Command && !own.exists() {
+                if purpose == Purpose::Command && scope.is_personal() && !state_dir.exists() {
                     Scope::System.control_socket(&state_dir)
                 } else {
                     own
@@ -146,13 +182,9 @@ mod tests {
     }
 
     #[test]
-    fn services_and_root_use_the_system_paths() {
-        let home = [("HOME", "/home/alice")];
+    fn root_and_the_service_user_use_the_system_paths() {
+        let home = [("HOME", "/home/alice"), ("INVOCATION_ID", "abc")];
         assert_eq!(scope(true, &home), Scope::System);
-        assert_eq!(
-            scope(false, &[("HOME", "/home/alice"), ("INVOCATION_ID", "abc")]),
-            Scope::System
-        );
         let paths = AgentPaths::resolve(
             &config(""),
             AgentPaths::default(),
@@ -165,14 +197,51 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_uses_the_directories_systemd_made_for_it() {
+        // The system unit: StateDirectory=p2p-usb, RuntimeDirectory=p2p-usb-agent.
+        let unit = scope(
+            true,
+            &[
+                ("STATE_DIRECTORY", "/var/lib/p2p-usb"),
+                ("RUNTIME_DIRECTORY", "/run/p2p-usb-agent:/run/other"),
+            ],
+        );
+        let paths = AgentPaths::resolve(&config(""), AgentPaths::default(), &unit, Purpose::Serve);
+        assert_eq!(paths.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(paths.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+        assert!(!unit.is_personal());
+        // A user unit (systemctl --user) gets its directories below the home.
+        let unit = scope(
+            false,
+            &[
+                ("INVOCATION_ID", "abc"),
+                ("HOME", "/home/alice"),
+                ("STATE_DIRECTORY", "/home/alice/.local/state/p2p-usb"),
+            ],
+        );
+        let paths = AgentPaths::resolve(&config(""), AgentPaths::default(), &unit, Purpose::Serve);
+        assert_eq!(
+            paths.state_dir,
+            Path::new("/home/alice/.local/state/p2p-usb")
+        );
+        assert_eq!(
+            paths.control_socket,
+            Path::new("/home/alice/.local/state/p2p-usb/control.sock")
+        );
+    }
+
+    #[test]
     fn a_user_agent_keeps_its_state_in_the_users_own_directories() {
+        // INVOCATION_ID alone (a login shell of some systems has it) says nothing.
         let user = scope(
             false,
             &[
                 ("HOME", "/home/alice"),
                 ("XDG_RUNTIME_DIR", "/run/user/1000"),
+                ("INVOCATION_ID", "abc"),
             ],
         );
+        assert!(user.is_personal());
         let paths = AgentPaths::resolve(&config(""), AgentPaths::default(), &user, Purpose::Serve);
         assert_eq!(
             paths.state_dir,
@@ -235,21 +304,25 @@ mod tests {
     }
 
     #[test]
-    fn a_command_without_an_agent_of_the_user_asks_the_systems() {
+    fn a_command_of_a_user_who_never_ran_an_agent_asks_the_systems() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = dir.path().to_str().unwrap();
+        let home = dir.path().join("home");
         let user = scope(
             false,
-            &[("HOME", "/home/alice"), ("XDG_RUNTIME_DIR", runtime)],
+            &[
+                ("HOME", home.to_str().unwrap()),
+                ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            ],
         );
         let ask = |purpose| {
             AgentPaths::resolve(&config(""), AgentPaths::default(), &user, purpose).control_socket
         };
+        let own = Path::new("/run/user/1000/p2p-usb-agent/control.sock");
         assert_eq!(ask(Purpose::Command), Path::new(DEFAULT_CONTROL_SOCKET));
-        let own = dir.path().join("p2p-usb-agent/control.sock");
         assert_eq!(ask(Purpose::Serve), own);
-        std::fs::create_dir_all(own.parent().unwrap()).unwrap();
-        std::fs::write(&own, "").unwrap();
-        assert_eq!(ask(Purpose::Command), own, "the user's own agent runs");
+        // Once the user has an agent of their own (its state exists), their
+        // commands go to it, running or not.
+        std::fs::create_dir_all(home.join(".local/state/p2p-usb")).unwrap();
+        assert_eq!(ask(Purpose::Command), own);
     }
 }

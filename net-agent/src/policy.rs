@@ -82,6 +82,10 @@ pub struct Policy {
     require_approval: bool,
     auto_share: bool,
     state: Mutex<State>,
+    /// Held from taking a snapshot of the pending list until it is written,
+    /// so writes land in order without holding `state` (which every
+    /// connecting client needs) during file I/O. Taken before `state`.
+    pending_file: Mutex<()>,
     /// Bumped on every change, so sessions re-check their client and devices.
     changed: watch::Sender<u64>,
 }
@@ -116,6 +120,7 @@ impl Policy {
             require_approval: config.value.security.require_approval,
             auto_share: config.value.usb.auto_share,
             state: Mutex::new(state),
+            pending_file: Mutex::new(()),
             changed: watch::channel(0).0,
         })
     }
@@ -145,6 +150,7 @@ impl Policy {
             return Ok(());
         }
         let now = unix_now();
+        let _writing = self.pending_file.lock().expect("pending file lock");
         let mut state = self.state.lock().expect("policy lock");
         let text = id.to_string();
         match state.pending.clients.iter_mut().find(|c| c.id == text) {
@@ -172,7 +178,14 @@ impl Policy {
                 });
             }
         }
-        write_state(&self.dir.join("pending.toml"), &state.pending)
+        let snapshot = state.pending.clone();
+        drop(state);
+        // Advisory data, written on every refused attempt: not synced.
+        write_state(
+            &self.dir.join("pending.toml"),
+            &snapshot,
+            Durability::Cached,
+        )
     }
 
     /// Clients waiting for approval.
@@ -189,12 +202,21 @@ impl Policy {
     pub fn approve(&self, id: &EndpointId) -> Result<(), PolicyError> {
         let text = id.to_string();
         {
+            let _writing = self.pending_file.lock().expect("pending file lock");
             let mut state = self.state.lock().expect("policy lock");
             state.approvals.revoked.remove(&text);
             state.approvals.approved.insert(text.clone());
             state.pending.clients.retain(|c| c.id != text);
-            write_state(&self.dir.join("approvals.toml"), &state.approvals)?;
-            write_state(&self.dir.join("pending.toml"), &state.pending)?;
+            write_state(
+                &self.dir.join("approvals.toml"),
+                &state.approvals,
+                Durability::Synced,
+            )?;
+            write_state(
+                &self.dir.join("pending.toml"),
+                &state.pending,
+                Durability::Cached,
+            )?;
         }
         self.bump();
         Ok(())
@@ -207,7 +229,11 @@ impl Policy {
             let mut state = self.state.lock().expect("policy lock");
             state.approvals.approved.remove(&text);
             state.approvals.revoked.insert(text);
-            write_state(&self.dir.join("approvals.toml"), &state.approvals)?;
+            write_state(
+                &self.dir.join("approvals.toml"),
+                &state.approvals,
+                Durability::Synced,
+            )?;
         }
         self.bump();
         Ok(())
@@ -245,7 +271,11 @@ impl Policy {
                 state.shares.shared.remove(&text);
                 state.shares.unshared.insert(text);
             }
-            write_state(&self.dir.join("shares.toml"), &state.shares)?;
+            write_state(
+                &self.dir.join("shares.toml"),
+                &state.shares,
+                Durability::Synced,
+            )?;
         }
         self.bump();
         Ok(())
@@ -282,9 +312,23 @@ fn read_state<T: DeserializeOwned + Default>(path: &Path) -> Result<T, PolicyErr
     }
 }
 
+/// Whether a state file must be on disk before it replaces the old one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Decisions (approvals, shares): a power cut leaves the old file or
+    /// the new one, never an empty one.
+    Synced,
+    /// Advisory records, written often: the page cache will do.
+    Cached,
+}
+
 /// Writes through a temporary file and a rename, so a crash never leaves a
 /// half-written approval list.
-fn write_state<T: Serialize>(path: &Path, value: &T) -> Result<(), PolicyError> {
+fn write_state<T: Serialize>(
+    path: &Path,
+    value: &T,
+    durability: Durability,
+) -> Result<(), PolicyError> {
     let err = |source| PolicyError::Write {
         path: path.to_path_buf(),
         source,
@@ -295,10 +339,10 @@ fn write_state<T: Serialize>(path: &Path, value: &T) -> Result<(), PolicyError> 
     }
     let temp = path.with_extension("toml.tmp");
     let mut file = std::fs::File::create(&temp).map_err(err)?;
-    // On disk before the rename makes it the state: a power cut leaves the
-    // old file or the new one, never an empty one.
     std::io::Write::write_all(&mut file, text.as_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
+    if durability == Durability::Synced {
+        file.sync_all().map_err(err)?;
+    }
     std::fs::rename(&temp, path).map_err(err)
 }
 

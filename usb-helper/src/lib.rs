@@ -95,17 +95,31 @@ pub fn run(options: HelperOptions) -> Result<(), HelperError> {
     runtime.block_on(async {
         let listener = match service::activated_unix_listener("helper")? {
             Some(listener) => {
-                let configured = &file.value.helper.socket;
-                match listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)) {
-                    Some(activated) if activated != *configured => tracing::warn!(
-                        "listening on {} (passed by systemd), but [helper] socket in {} is {}: \
-                         agents using that file connect there and find no helper; \
-                         make ListenStream= and [helper] socket name the same path",
-                        activated.display(),
-                        path.display(),
-                        configured.display()
+                // The path agents are told to use: --listen (the instance
+                // units pass theirs), else the configuration's.
+                let (expected, named_by) = match &options.listen {
+                    Some(listen) => (listen.clone(), "--listen".to_string()),
+                    None => (
+                        file.value.helper.socket.clone(),
+                        format!("[helper] socket in {}", path.display()),
                     ),
-                    Some(activated) => tracing::info!(socket = %activated.display(), "listening on the socket passed by systemd"),
+                };
+                let activated = listener
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+                match activated {
+                    Some(activated) if activated != expected => tracing::warn!(
+                        "listening on {} (passed by systemd), but {named_by} is {}: \
+                         agents told that path find no helper; \
+                         make ListenStream= and {named_by} name the same path",
+                        activated.display(),
+                        expected.display()
+                    ),
+                    Some(activated) => tracing::info!(
+                        socket = %activated.display(),
+                        "listening on the socket passed by systemd"
+                    ),
                     None => tracing::info!("listening on the socket passed by systemd"),
                 }
                 listener

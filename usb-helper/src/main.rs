@@ -10,7 +10,8 @@ struct Args {
     /// Configuration file [default: $CREDENTIALS_DIRECTORY/server.toml, else /etc/p2p-usb/server.toml]
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Listen on this Unix socket when not started by systemd socket activation
+    /// The helper's Unix socket: bound when not started by socket activation;
+    /// with activation, the path the passed socket should have
     /// [default: [helper] socket from the configuration]
     #[arg(long)]
     listen: Option<PathBuf>,

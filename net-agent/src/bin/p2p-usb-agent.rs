@@ -88,6 +88,7 @@ fn main() {
         tracing::warn!("{note}");
     }
     let serving = matches!(command, Command::Serve);
+    let scope = Scope::detect();
     let paths = AgentPaths::resolve(
         &file.value,
         AgentPaths {
@@ -95,7 +96,7 @@ fn main() {
             state_dir: args.state_dir,
             control_socket: args.control_socket,
         },
-        &Scope::detect(),
+        &scope,
         if serving {
             Purpose::Serve
         } else {
@@ -106,14 +107,14 @@ fn main() {
         Ok(runtime) => runtime,
         Err(e) => exit::fail(PROGRAM, format!("cannot start the runtime: {e}"), exit::OS),
     };
-    runtime.block_on(run(command, &file, &paths));
+    runtime.block_on(run(command, &file, &paths, &scope));
 }
 
-async fn run(command: Command, file: &ConfigFile<ServerConfig>, paths: &AgentPaths) {
+async fn run(command: Command, file: &ConfigFile<ServerConfig>, paths: &AgentPaths, scope: &Scope) {
     let ask = |request| control::request(&paths.control_socket, request);
     match command {
         Command::Serve => {
-            if let Err(e) = agent::serve(file, paths).await {
+            if let Err(e) = agent::serve(file, paths, scope).await {
                 tracing::error!("{e}");
                 exit::fail(PROGRAM, &e, e.exit_code());
             }

@@ -17,8 +17,8 @@ use bytes::{Bytes, BytesMut};
 use p2p_usb_common::codec::{READ_BUFFER_CAPACITY, write_all_vectored};
 use p2p_usb_common::link::LinkClient;
 use p2p_usb_common::proto::{
-    DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Reply, Request, RequestId, SetupPacket, Transfer,
-    TransferData, TransferFlags, UsbError,
+    Completion, DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Reply, Request, RequestId, SetupPacket,
+    Transfer, TransferData, TransferFlags, UsbError,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
@@ -381,7 +381,8 @@ fn complete(
     if let Some(unlink_seqnum) = urb.unlinked_by {
         // The status the URB ended with, as usbip-host reports it: 0 when
         // it completed before the unlink took effect.
-        let status = match result {
+        let status = match &result {
+            Ok(Reply::Transferred(completion)) => completion_status(&urb.cmd, completion),
             Ok(_) => 0,
             Err(e) => e.urb_status(),
         };
@@ -398,14 +399,7 @@ fn complete(
         Ok(Reply::Transferred(completion)) => {
             let actual = completion.actual_length as usize;
             let dir_in = urb.cmd.direction == USBIP_DIR_IN;
-            let short = dir_in
-                && urb.cmd.transfer_flags & URB_SHORT_NOT_OK != 0
-                && actual < urb.cmd.transfer_buffer_length.max(0) as usize;
-            let status = if short {
-                UsbError::ShortPacket.urb_status()
-            } else {
-                0
-            };
+            let status = completion_status(&urb.cmd, &completion);
             match RetSubmit::reply_to(&urb.cmd, status, actual) {
                 Ok(ret) => Some(Outgoing {
                     header: UrbHeader::RetSubmit(ret).encode(),
@@ -424,6 +418,19 @@ fn complete(
             &UsbError::Protocol(format!("unexpected reply {other:?}")),
         )),
         Err(e) => Some(failure(&urb.cmd, &e)),
+    }
+}
+
+/// The status usbip-host reports for a URB that completed: -EREMOTEIO for
+/// a short IN read that the URB forbade (URB_SHORT_NOT_OK), else 0.
+fn completion_status(cmd: &CmdSubmit, completion: &Completion) -> i32 {
+    let short = cmd.direction == USBIP_DIR_IN
+        && cmd.transfer_flags & URB_SHORT_NOT_OK != 0
+        && (completion.actual_length as usize) < cmd.transfer_buffer_length.max(0) as usize;
+    if short {
+        UsbError::ShortPacket.urb_status()
+    } else {
+        0
     }
 }
 
