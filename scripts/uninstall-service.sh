@@ -2,7 +2,7 @@
 # Remove what scripts/install-service.sh installed.
 #
 #   sudo ./scripts/uninstall-service.sh            # stop, disable, remove binaries/units/rules; keep config and state
-#   sudo ./scripts/uninstall-service.sh --purge    # ... and delete /etc/p2p-usb and /var/lib/p2p-usb
+#   sudo ./scripts/uninstall-service.sh --purge    # ... and delete configuration, state and the scope rule
 #
 # Honours the same PREFIX/DESTDIR and --server/--client/--all as the installer
 # (default: both roles, whatever is present). Safe to run again. Users and groups
@@ -14,8 +14,9 @@ usage() {
 Usage: $0 [--server | --client | --all] [--purge] [--prefix DIR] [--destdir DIR]
 
   --server / --client / --all   which role to remove (default: --all)
-  --purge                       also delete the configuration (/etc/p2p-usb) and the
-                                agent state (/var/lib/p2p-usb: identity key, approvals)
+  --purge                       also delete the configuration (/etc/p2p-usb), the agent
+                                state (/var/lib/p2p-usb: identity key, approvals) and
+                                the scope rule /etc/udev/rules.d/69-p2p-usb-scope.rules
   --prefix DIR                  the prefix used at install time (default: \$PREFIX or /usr/local)
   --destdir DIR                 remove from a staged tree (default: \$DESTDIR)
 EOF
@@ -116,7 +117,7 @@ if [ "$PURGE" -eq 1 ]; then
         say "  purged    /etc/p2p-usb/client.toml (per-user ~/.config/p2p-usb and keys are left alone)"
     fi
     rmdir "$DESTDIR$CONFDIR" 2>/dev/null ||
-        { [ -d "$DESTDIR$CONFDIR" ] && warn "kept $CONFDIR: it holds files not installed by p2p-usb"; }
+        { [ -d "$DESTDIR$CONFDIR" ] && say "  kept      $CONFDIR, not empty:$(find "$DESTDIR$CONFDIR" -mindepth 1 -maxdepth 1 -printf ' %f')"; }
 elif [ "$ROLE_SERVER" -eq 1 ] && [ -e "$DESTDIR$SCOPE_RULE" ]; then
     say "  kept      $SCOPE_RULE (yours; --purge deletes it)"
 fi

@@ -4,7 +4,8 @@
 # p2p-usb-server.target under the real systemd, and check what the units promise:
 # socket activation of the helper by the agent, READY and STATUS for both, non-root
 # users with no capabilities, udev's group on the USB device nodes, the three emulated
-# devices listed by the agent and offered to an approved client.
+# devices listed by the agent and offered to an approved client; and a second instance
+# (p2p-usb-server@lab.target) beside the first.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -140,5 +141,32 @@ ticket=$(p2p-usb-agent id --ticket)
 [[ $ticket == endpoint* ]] || fail "ticket '$ticket'"
 as_tester p2p-usb list "$ticket" | has -w "$VM_STICK_VIDPID" || fail "listing by ticket failed"
 unit_prop p2p-usb-agent.service StatusText | indent "agent status now"
+
+# --- a second instance beside it, set up as docs/SYSTEMD.md "Multiple instances" says ---
+# Its configuration is a copy of the first (still naming the plain helper socket and
+# the same UDP port: the instance units pass their own socket paths, so only the
+# port has to differ).
+sed 's/^bind_addr = .*/bind_addr = "127.0.0.1:0"/' /etc/p2p-usb/server.toml >/etc/p2p-usb/server-lab.toml
+chmod 600 /etc/p2p-usb/server-lab.toml
+journal_mark /run/vmtest-10.instance
+systemctl start p2p-usb-server@lab.target
+wait_for 60 "p2p-usb-agent@lab.service active" unit_active p2p-usb-agent@lab.service
+wait_for 60 "p2p-usb-helper@lab.service active (started by the instance agent)" unit_active p2p-usb-helper@lab.service
+lab=(p2p-usb-agent --control-socket /run/p2p-usb-agent/lab/control.sock)
+wait_for 30 "the instance agent to list the stick" sh -c "${lab[*]} devices | grep -qw $VM_STICK_VIDPID"
+[ "$("${lab[@]}" id)" != "$(p2p-usb-agent id)" ] || fail "the instance has the plain agent's identity"
+[ -s /var/lib/p2p-usb/lab/secret.key ] || fail "the instance key is not in /var/lib/p2p-usb/lab"
+[ -S /run/p2p-usb/helper-lab.sock ] || fail "no instance helper socket"
+if journal_since /run/vmtest-10.instance -u p2p-usb-helper@lab.service | has "passed by systemd), but"; then
+  journal_since /run/vmtest-10.instance -u p2p-usb-helper@lab.service | indent "helper@lab"
+  fail "the instance helper warns about its socket path"
+fi
+systemctl stop p2p-usb-server@lab.target
+for u in p2p-usb-agent@lab.service p2p-usb-helper@lab.service p2p-usb-helper@lab.socket; do
+  [ "$(unit_prop "$u" ActiveState)" = inactive ] || fail "$u is $(unit_prop "$u" ActiveState) after stopping the instance"
+done
+rm -f /etc/p2p-usb/server-lab.toml
+log "instance lab: own helper socket, identity and state; stopped cleanly"
+
 touch "$P2P_SETUP_DONE"
 log "installed, enabled and serving"
