@@ -23,6 +23,9 @@ pub enum Network {
     RelayOnly(String),
     /// Bound to this address (e.g. inside a network namespace).
     Bind(String),
+    /// Bound to this address inside a network namespace and announced on
+    /// the local network (mDNS); clients need nothing but its EndpointId.
+    LocalDiscovery(String),
 }
 
 impl Network {
@@ -34,6 +37,9 @@ impl Network {
             ),
             Network::Bind(addr) => format!(
                 "[iroh]\nrelay_mode = \"disabled\"\nbind_addr = \"{addr}\"\ndns_discovery = false\n"
+            ),
+            Network::LocalDiscovery(addr) => format!(
+                "[iroh]\nrelay_mode = \"disabled\"\nbind_addr = \"{addr}\"\ndns_discovery = false\nlocal_discovery = true\n"
             ),
             Network::RelayOnly(url) => format!(
                 "[iroh]\nrelay_mode = \"custom\"\nrelay_urls = [\"{url}\"]\ndirect_connections = false\ndns_discovery = false\n"

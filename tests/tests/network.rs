@@ -452,13 +452,22 @@ async fn requests_are_authorized_per_session_and_replies_stay_matched() {
 struct Netns {
     name: String,
     host_side: String,
+    /// The link is 10.199.SUBNET.0/24: .1 on the test's side, .2 inside.
+    subnet: u8,
 }
 
 impl Netns {
-    fn create(subnet: u8) -> Netns {
-        let name = format!("p2pusb{}", std::process::id());
-        let host_side = format!("p2pu{}a", std::process::id() % 100000);
-        let peer_side = format!("p2pu{}b", std::process::id() % 100000);
+    /// A new namespace; names and subnet are unique per call within the
+    /// process (tests run in parallel) and differ between processes.
+    fn create() -> Netns {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        assert!(n < 4, "four namespaces per test process at most");
+        let subnet = (20 + (pid % 50) * 4 + n) as u8;
+        let name = format!("p2pusb{pid}n{n}");
+        let host_side = format!("p2pu{}{n}a", pid % 100000);
+        let peer_side = format!("p2pu{}{n}b", pid % 100000);
         let ip = |args: &[&str]| {
             let status = std::process::Command::new("ip")
                 .args(args)
@@ -490,7 +499,21 @@ impl Netns {
         ]);
         ip(&["-n", &name, "link", "set", &peer_side, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Netns { name, host_side }
+        // Multicast (mDNS) leaves by the veth: the namespace has no default route.
+        ip(&[
+            "-n",
+            &name,
+            "route",
+            "add",
+            "224.0.0.0/4",
+            "dev",
+            &peer_side,
+        ]);
+        Netns {
+            name,
+            host_side,
+            subnet,
+        }
     }
 
     fn link(&self, up: bool) {
@@ -520,8 +543,8 @@ async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back
         eprintln!("needs root to create network namespaces");
         return;
     }
-    let subnet = (std::process::id() % 200) as u8 + 20;
-    let netns = Netns::create(subnet);
+    let netns = Netns::create();
+    let subnet = netns.subnet;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("client.key");
     let text = format!(
@@ -586,4 +609,74 @@ async fn cutting_the_network_fails_in_flight_transfers_and_the_client_comes_back
             .data[..],
         b"again"
     );
+}
+
+#[test]
+fn local_network_discovery_finds_a_server_by_its_endpoint_id_alone() {
+    if !p2p_usb_tests::is_root() {
+        eprintln!("needs root to create a network namespace");
+        return;
+    }
+    // Everything, multicast included, stays inside a namespace of the test's own.
+    let netns = Netns::create();
+    let subnet = netns.subnet;
+    let dir = tempfile::tempdir().unwrap();
+    let client_config = |local_discovery: bool| {
+        let path = dir.path().join(format!("client-{local_discovery}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[client]\nsecret_key = \"{}\"\n\n[iroh]\nrelay_mode = \"disabled\"\nbind_addr = \"10.199.{subnet}.2:0\"\ndns_discovery = false\nlocal_discovery = {local_discovery}\n",
+                dir.path().join("client.key").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let p2p_usb = |config: &std::path::Path, args: &[&str]| {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns.name])
+            .arg(p2p_usb_tests::bin("p2p-usb"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let with_mdns = client_config(true);
+    let (code, client_id, err) = p2p_usb(&with_mdns, &["id"]);
+    assert_eq!(code, Some(0), "{err}");
+    let server = ServerUnderTest::start_in(
+        &approving(client_id.trim()),
+        "auto_share = true",
+        Network::LocalDiscovery(format!(
+            "10.199.{subnet}.2:{}",
+            p2p_usb_tests::server::free_udp_port()
+        )),
+        Some(&netns.name),
+    );
+    let server_id = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(server.id());
+
+    // Without local discovery an EndpointId alone leads nowhere here (no
+    // relay, no DNS): the control case.
+    let (code, _, err) = p2p_usb(&client_config(false), &["list", &server_id]);
+    assert_ne!(code, Some(0), "found without discovery?\n{err}");
+    // With it, the server's announcement supplies the address.
+    let listed = (0..5)
+        .map(|_| p2p_usb(&with_mdns, &["list", &server_id]))
+        .find(|(code, _, _)| *code == Some(0));
+    let (_, table, _) = listed.unwrap_or_else(|| {
+        panic!(
+            "not found by mDNS: {:?}",
+            p2p_usb(&with_mdns, &["list", &server_id])
+        )
+    });
+    assert!(table.contains("0525:a4a0"), "{table}");
 }
