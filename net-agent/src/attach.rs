@@ -91,11 +91,9 @@ pub async fn run(
                 Err(e @ ClientError::NotApproved { .. }) => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!(device = %key, "reconnecting in {backoff:?}: {e}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.cancelled() => return Ok(()),
+                    if !back_off(&mut backoff, &stop).await {
+                        return Ok(());
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
             },
@@ -112,11 +110,9 @@ pub async fn run(
             Err(OpenError::Failed(e)) if attached_before && passing(&e) => {
                 session.close();
                 tracing::warn!(device = %key, "re-attaching in {backoff:?}: {e}");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return Ok(()),
+                if !back_off(&mut backoff, &stop).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
             Err(OpenError::Failed(e)) => {
@@ -199,6 +195,17 @@ async fn open(
         }
         Err(e) => Err(OpenError::Failed(e)),
     }
+}
+
+/// Waits `backoff`, then doubles it (up to [`BACKOFF_MAX`]); false if
+/// stopped meanwhile.
+async fn back_off(backoff: &mut Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = stop.cancelled() => return false,
+    }
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    true
 }
 
 /// True for an open failure that goes away by itself: the device still held

@@ -209,17 +209,7 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
         .unwrap();
     assert_eq!((full.status, full.actual_length), (0, 512), "not short");
 
-    let stall = device
-        .control(
-            zero::control::VENDOR_OUT,
-            zero::control::STALL_ENDPOINT,
-            zero::EP_IN.into(),
-            0,
-            UrbData::Out(Bytes::new()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(stall.status, 0);
+    stall_in(&device).await;
     assert_eq!(
         device
             .transfer(zero::EP_IN, UrbData::In(512), 0)
@@ -249,16 +239,7 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
 
     // A port reset (SET_FEATURE(PORT_RESET) to the device's hub port, which
     // usbip-host performs as a device reset) clears a halt as well.
-    device
-        .control(
-            zero::control::VENDOR_OUT,
-            zero::control::STALL_ENDPOINT,
-            zero::EP_IN.into(),
-            0,
-            UrbData::Out(Bytes::new()),
-        )
-        .await
-        .unwrap();
+    stall_in(&device).await;
     let reset = device
         .control(
             0x23,
@@ -274,6 +255,21 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
         loop_back(&device, b"after reset").await,
         (0, b"after reset".to_vec())
     );
+}
+
+/// Tells the device to stall its IN endpoint (Gadget Zero's vendor request).
+async fn stall_in(device: &Imported) {
+    let stalled = device
+        .control(
+            zero::control::VENDOR_OUT,
+            zero::control::STALL_ENDPOINT,
+            zero::EP_IN.into(),
+            0,
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stalled.status, 0);
 }
 
 /// Sends `data` out and reads it back through the loopback: the IN's status and bytes.
