@@ -181,8 +181,9 @@ impl Throughput {
 
 /// Runs the bulk comparison at every queue depth and transfer size and
 /// prints a [`Throughput::row`] for each: the table every benchmark prints,
-/// with the same rows in the same order. `prepare` runs before each
-/// comparison; `path` and `baseline` are given the depth and the size.
+/// with the same rows in the same order, after one untimed round of each
+/// side. `prepare` runs before each comparison; `path` and `baseline` are
+/// given the depth and the size.
 pub async fn print_bulk_rows<P, PF, B, BF>(
     cpu: &CpuMeter,
     bytes_per_round: usize,
@@ -195,6 +196,11 @@ pub async fn print_bulk_rows<P, PF, B, BF>(
     B: Fn(usize, usize) -> BF,
     BF: Future<Output = f64>,
 {
+    // One untimed round each first: the first rounds of a run also pay for
+    // heaps growing and connections settling, on both sides alike.
+    prepare().await;
+    path(8, 16 * 1024).await;
+    baseline(8, 16 * 1024).await;
     for depth in [8usize, 32] {
         for size in [16 * 1024usize, 64 * 1024] {
             prepare().await;
