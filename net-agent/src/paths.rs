@@ -16,10 +16,12 @@ pub enum Scope {
     /// and [`DEFAULT_CONTROL_SOCKET`].
     System,
     /// A unit with `StateDirectory=` (and `RuntimeDirectory=`): the
-    /// directories systemd made for it, the system units' or a user unit's.
+    /// directories systemd made for it, the system units' or, `personal`,
+    /// a user unit's.
     Unit {
         state_dir: PathBuf,
         runtime_dir: Option<PathBuf>,
+        personal: bool,
     },
     /// One user's own: state in `$XDG_STATE_HOME/p2p-usb` (default
     /// `~/.local/state/p2p-usb`), the control socket in
@@ -58,6 +60,7 @@ impl Scope {
             return Scope::Unit {
                 state_dir,
                 runtime_dir: first("RUNTIME_DIRECTORY"),
+                personal: !system_user,
             };
         }
         if system_user {
@@ -77,7 +80,10 @@ impl Scope {
     /// True for an agent of one user's own: only that user (and root) may
     /// use its control socket.
     pub fn is_personal(&self) -> bool {
-        matches!(self, Scope::User { .. })
+        matches!(
+            self,
+            Scope::User { .. } | Scope::Unit { personal: true, .. }
+        )
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -224,6 +230,7 @@ mod tests {
             paths.state_dir,
             Path::new("/home/alice/.local/state/p2p-usb")
         );
+        assert!(unit.is_personal(), "a user unit admits its user alone");
         assert_eq!(
             paths.control_socket,
             Path::new("/home/alice/.local/state/p2p-usb/control.sock")
