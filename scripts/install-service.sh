@@ -205,6 +205,8 @@ if [ "$LIVE" -eq 1 ]; then
             udevadm trigger --subsystem-match=platform --sysname-match='vhci_hcd.*' --action=change \
                 || warn "udevadm trigger (vhci_hcd) failed"
         fi
+        # Return with the rules applied, not just queued.
+        udevadm settle --timeout=30 || warn "udevadm settle timed out; the rules apply shortly"
         say "  udev      rules reloaded and applied"
     else
         say "  udev      udevd not running: rules apply at next boot"

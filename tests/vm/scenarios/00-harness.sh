@@ -21,7 +21,9 @@ log "stick $stick=$disk keyboard $kbd=$event serial $serial=$tty"
 # --- udev ---
 systemctl is-active --quiet systemd-udevd || fail "systemd-udevd is not active"
 udevadm control --ping || fail "udevd does not answer"
-udevadm info --query=property --name="$disk" | grep -q '^ID_BUS=usb' || fail "udev has no ID_BUS=usb for $disk"
+# The block device can appear before udevd has run its rules for it.
+udev_says_usb() { udevadm info --query=property --name="$1" | has '^ID_BUS=usb'; }
+wait_for 30 "udev to give $disk ID_BUS=usb" udev_says_usb "$disk"
 
 # --- control channel ---
 [ "$(vmctl ping)" = pong ] || fail "vmctl ping"
