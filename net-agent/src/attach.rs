@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use p2p_usb_common::proto::{DeviceInfo, DeviceKey, Reply, Request, UsbError};
+use p2p_usb_common::proto::{DeviceInfo, DeviceKey, UsbError};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Client, ClientError};
@@ -187,14 +187,12 @@ async fn open(
     session: &p2p_usb_common::link::LinkClient,
     key: &DeviceKey,
 ) -> Result<(u32, DeviceInfo), OpenError> {
-    match session.request(Request::Open { key: key.clone() }).await {
-        Ok(Reply::Opened { handle, device }) => Ok((handle, device)),
-        Ok(other) => Err(OpenError::Failed(UsbError::Protocol(format!("{other:?}")))),
-        Err(UsbError::NotFound(_) | UsbError::NotShared(_) | UsbError::NoDevice) => {
-            Err(OpenError::Gone)
-        }
-        Err(e) => Err(OpenError::Failed(e)),
-    }
+    client::open_device(session, key)
+        .await
+        .map_err(|e| match e {
+            UsbError::NotFound(_) | UsbError::NotShared(_) | UsbError::NoDevice => OpenError::Gone,
+            e => OpenError::Failed(e),
+        })
 }
 
 /// Waits `backoff`, then doubles it (up to [`BACKOFF_MAX`]); false if

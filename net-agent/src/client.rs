@@ -10,7 +10,7 @@ use iroh::endpoint::{Connection, ConnectionError};
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayUrl};
 use p2p_usb_common::config::{self, ClientConfig, ConfigError, ConfigFile};
 use p2p_usb_common::link::{LinkClient, LinkError};
-use p2p_usb_common::proto::{DeviceInfo, Event, Reply, Request, UsbError};
+use p2p_usb_common::proto::{DeviceInfo, DeviceKey, Event, Handle, Reply, Request, UsbError};
 use tokio::sync::mpsc;
 
 use crate::identity::{self, IdentityError};
@@ -225,6 +225,19 @@ pub async fn list_devices(session: &LinkClient) -> Result<Vec<DeviceInfo>, UsbEr
         Reply::Devices(devices) => Ok(devices),
         other => Err(UsbError::Protocol(format!(
             "expected a device list, got {other:?}"
+        ))),
+    }
+}
+
+/// Opens the device `key` on a session: its handle and current listing.
+pub async fn open_device(
+    session: &LinkClient,
+    key: &DeviceKey,
+) -> Result<(Handle, DeviceInfo), UsbError> {
+    match session.request(Request::Open { key: key.clone() }).await? {
+        Reply::Opened { handle, device } => Ok((handle, device)),
+        other => Err(UsbError::Protocol(format!(
+            "expected an opened device, got {other:?}"
         ))),
     }
 }

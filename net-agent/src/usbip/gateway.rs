@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use iroh::EndpointAddr;
 use p2p_usb_common::access::{AccessList, PeerCredentials};
-use p2p_usb_common::proto::{DeviceInfo, Reply, Request, UsbError};
+use p2p_usb_common::proto::{DeviceInfo, UsbError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -88,10 +88,7 @@ impl Remote {
             let Some(listed) = devices.into_iter().find(|d| d.key.bus_path == busid) else {
                 return Ok(None);
             };
-            match session.request(Request::Open { key: listed.key }).await? {
-                Reply::Opened { handle, device } => Ok(Some((handle, device))),
-                other => Err(ClientError::Usb(UsbError::Protocol(format!("{other:?}")))),
-            }
+            Ok(Some(client::open_device(&session, &listed.key).await?))
         }
         .await;
         match opened {
