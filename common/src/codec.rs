@@ -79,7 +79,10 @@ impl<T: DeserializeOwned> Decoder for MessageCodec<T> {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
         let frame = match self.frames.decode(src) {
             Ok(Some(frame)) => frame,
-            Ok(None) => return Ok(None),
+            Ok(None) => {
+                keep_read_room(src);
+                return Ok(None);
+            }
             Err(e) if is_length_error(&e) => {
                 return Err(CodecError::FrameTooLarge {
                     max: self.max_frame_len,
@@ -113,6 +116,16 @@ impl<T: Serialize> Encoder<T> for MessageCodec<T> {
     }
 }
 
+/// Gives the next read a whole [`READ_BUFFER_CAPACITY`] of room. Decoded
+/// frames share the read buffer, so once it is used up the buffer grows
+/// into a new allocation, and `bytes` sizes those at 64 KiB at most: without
+/// this, a burst of large transfers arrives 48 KiB per read.
+fn keep_read_room(src: &mut BytesMut) {
+    if src.capacity() - src.len() < READ_BUFFER_CAPACITY / 4 {
+        src.reserve(READ_BUFFER_CAPACITY);
+    }
+}
+
 fn is_length_error(e: &std::io::Error) -> bool {
     e.get_ref()
         .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>())
@@ -137,8 +150,15 @@ pub fn decode_frame<T: DeserializeOwned>(frame: Bytes) -> Result<T, Malformed> {
     decoded
 }
 
+/// Payloads at least this long are sliced out of the frame they arrived in;
+/// shorter ones are copied. A slice keeps its whole read buffer (up to
+/// [`READ_BUFFER_CAPACITY`]) alive, which is worth it for bulk data but not
+/// for a control or interrupt transfer that may wait on a device for long.
+pub const SLICE_FROM: usize = 4096;
+
 /// Serde glue for transfer payloads: written as MessagePack `bin`, read as a
-/// zero-copy slice of the frame when decoded through [`decode_frame`].
+/// zero-copy slice of the frame when decoded through [`decode_frame`]
+/// (payloads of [`SLICE_FROM`] bytes or more).
 pub mod payload {
     use bytes::Bytes;
     use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -170,6 +190,9 @@ pub mod payload {
         }
 
         fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+            if v.len() < super::SLICE_FROM {
+                return Ok(Bytes::copy_from_slice(v));
+            }
             Ok(FRAME.with(|current| match current.borrow().as_ref() {
                 Some(frame) => {
                     let base = frame.as_ptr() as usize;
@@ -425,13 +448,33 @@ pub fn encode_body(message: &Message) -> Result<Bytes, CodecError> {
 }
 
 /// The raw framing alone, for the agent, which forwards frames it does not
-/// need to decode. Same wire format and size limit as [`MessageCodec`].
-pub fn frame_codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(LENGTH_PREFIX)
-        .big_endian()
-        .max_frame_length(MAX_FRAME_LEN)
-        .new_codec()
+/// need to decode. Same wire format, size limit and read buffering as
+/// [`MessageCodec`].
+pub fn frame_codec() -> FrameCodec {
+    FrameCodec(
+        LengthDelimitedCodec::builder()
+            .length_field_length(LENGTH_PREFIX)
+            .big_endian()
+            .max_frame_length(MAX_FRAME_LEN)
+            .new_codec(),
+    )
+}
+
+/// Decoder of raw frames (see [`frame_codec`]).
+#[derive(Debug)]
+pub struct FrameCodec(LengthDelimitedCodec);
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> std::io::Result<Option<BytesMut>> {
+        let frame = self.0.decode(src)?;
+        if frame.is_none() {
+            keep_read_room(src);
+        }
+        Ok(frame)
+    }
 }
 
 /// Decodes one frame body; on failure recovers the request id if it can.
@@ -629,6 +672,83 @@ mod tests {
         assert_eq!(decoded, message);
         // Outside decode_frame the same bytes are copied, still correctly.
         assert_eq!(decode_body::<Message>(&frame).unwrap(), message);
+    }
+
+    #[test]
+    fn short_payloads_are_copied_so_they_do_not_hold_the_read_buffer() {
+        let message = Message::Reply {
+            id: 9,
+            body: Ok(Reply::Transferred(Completion {
+                actual_length: 8,
+                data: Bytes::from(vec![7u8; 8]),
+            })),
+        };
+        let frame = Bytes::from(rmp_serde::to_vec(&message).unwrap());
+        let decoded: Message = decode_frame(frame.clone()).unwrap();
+        let Message::Reply {
+            body: Ok(Reply::Transferred(c)),
+            ..
+        } = &decoded
+        else {
+            panic!("{decoded:?}")
+        };
+        let (base, start) = (frame.as_ptr() as usize, c.data.as_ptr() as usize);
+        assert!(
+            start < base || start >= base + frame.len(),
+            "an 8-byte payload is a copy"
+        );
+        assert_eq!(decoded, message);
+    }
+
+    #[test]
+    fn reads_get_a_whole_buffer_of_room_while_frames_are_held() {
+        // A decoded frame keeps its part of the read buffer; the reads after
+        // it must still get READ_BUFFER_CAPACITY of room, not the 64 KiB
+        // `bytes` gives a new allocation by default.
+        let mut codec = MessageCodec::<Message>::default();
+        let mut encoded = BytesMut::new();
+        let request = |id| Message::Request {
+            id,
+            body: Request::Submit(Transfer {
+                handle: 1,
+                endpoint: 1,
+                setup: None,
+                data: TransferData::Out(Bytes::from(vec![1u8; 60_000])),
+                flags: TransferFlags::default(),
+                timeout_ms: None,
+            }),
+        };
+        for id in 0..4 {
+            codec.encode(request(id), &mut encoded).unwrap();
+        }
+        let mut frames = frame_codec();
+        for mut buf in [
+            BytesMut::with_capacity(READ_BUFFER_CAPACITY),
+            BytesMut::new(),
+        ] {
+            let mut held = Vec::new();
+            buf.extend_from_slice(&encoded);
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                held.push(frame.unwrap());
+            }
+            assert_eq!(held.len(), 4);
+            assert!(
+                buf.capacity() - buf.len() >= READ_BUFFER_CAPACITY,
+                "{}",
+                buf.capacity()
+            );
+            let mut raw = Vec::new();
+            buf.extend_from_slice(&encoded);
+            while let Some(frame) = frames.decode(&mut buf).unwrap() {
+                raw.push(frame.freeze());
+            }
+            assert_eq!(raw.len(), 4);
+            assert!(
+                buf.capacity() - buf.len() >= READ_BUFFER_CAPACITY,
+                "{}",
+                buf.capacity()
+            );
+        }
     }
 
     #[tokio::test]

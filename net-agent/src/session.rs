@@ -17,8 +17,8 @@ use futures_util::{FutureExt, StreamExt};
 use iroh::EndpointId;
 use iroh::endpoint::{RecvStream, SendStream};
 use p2p_usb_common::codec::{
-    CodecError, FrameKind, FrameWriter, READ_BUFFER_CAPACITY, decode_frame, encode_body,
-    frame_codec, peek,
+    CodecError, FrameCodec, FrameKind, FrameWriter, READ_BUFFER_CAPACITY, decode_frame,
+    encode_body, frame_codec, peek,
 };
 use p2p_usb_common::link::judge_hello;
 use p2p_usb_common::proto::{
@@ -27,7 +27,7 @@ use p2p_usb_common::proto::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
@@ -42,7 +42,7 @@ const INTERNAL_IDS: RequestId = 1 << 63;
 /// cannot hold back its own bytes for long.
 const MAX_BURST: usize = 64;
 
-type Reader<R> = FramedRead<R, LengthDelimitedCodec>;
+type Reader<R> = FramedRead<R, FrameCodec>;
 
 /// Counts the frames queued since the last flush, so each direction of the
 /// proxy forwards what is already readable in one burst.

@@ -12,12 +12,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use p2p_usb_common::access::{AccessList, PeerCredentials};
-use p2p_usb_common::codec::{FrameWriter, MessageCodec, READ_BUFFER_CAPACITY};
+use p2p_usb_common::codec::{FrameWriter, MessageCodec, READ_BUFFER_CAPACITY, SLICE_FROM};
 use p2p_usb_common::config::ShareRule;
 use p2p_usb_common::link::{self, handshake};
 use p2p_usb_common::proto::{
     Completion, DeviceInfo, DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Message, Reply, Request,
-    RequestId, Transfer, UsbError, std_request,
+    RequestId, Transfer, TransferData, UsbError, std_request,
 };
 use p2p_usb_common::service::{self, LivenessRequests};
 use tokio::net::{UnixListener, UnixStream};
@@ -383,8 +383,12 @@ impl<'a> Connection<'a> {
             });
             return;
         }
-        let cost = transfer.data.len().clamp(1, MAX_TRANSFER_LEN);
-        let Ok(permit) = self.budget.clone().acquire_many_owned(cost).await else {
+        let Ok(permit) = self
+            .budget
+            .clone()
+            .acquire_many_owned(budget_cost(&transfer.data))
+            .await
+        else {
             return;
         };
         device.submit(
@@ -452,6 +456,18 @@ async fn next_hotplug(
             Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
         }
     }
+}
+
+/// The share of [`IN_FLIGHT_BUDGET`] a transfer holds until its reply is
+/// queued: the bytes it carries or asks for, and for an OUT payload sliced
+/// out of a read buffer at least a quarter of that buffer, which the slice
+/// keeps alive (so pending transfers cannot hold more than 4 × the budget).
+fn budget_cost(data: &TransferData) -> u32 {
+    let pinned = match data {
+        TransferData::Out(bytes) if bytes.len() >= SLICE_FROM => READ_BUFFER_CAPACITY / 4,
+        _ => 1,
+    };
+    data.len().max(pinned as u32).min(MAX_TRANSFER_LEN)
 }
 
 fn unknown_handle(handle: Handle) -> UsbError {
