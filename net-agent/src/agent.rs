@@ -73,6 +73,8 @@ impl From<PolicyLoadError> for AgentError {
 #[derive(Debug, Default)]
 pub(crate) struct ClientRecord {
     pub(crate) address: String,
+    /// Connections from this client (a client may hold more than one).
+    pub(crate) connections: usize,
     pub(crate) sessions: usize,
     pub(crate) devices: BTreeSet<String>,
 }
@@ -379,6 +381,8 @@ async fn accept_loop(agent: Arc<Agent>) {
 
 async fn serve_connection(agent: Arc<Agent>, connection: Connection, address: String) {
     let client = connection.remote_id();
+    // Subscribed before the check, so a revocation right after it is seen.
+    let mut policy = agent.policy.subscribe();
     if !agent.policy.is_approved(&client) {
         if let Err(e) = agent.policy.record_refused(&client, &address) {
             tracing::error!("cannot record pending client: {e}");
@@ -394,8 +398,10 @@ async fn serve_connection(agent: Arc<Agent>, connection: Connection, address: St
         return;
     }
     tracing::info!(client = %client, "client connected from {address}");
-    agent.update_client(client, |record| record.address = address);
-    let mut policy = agent.policy.subscribe();
+    agent.update_client(client, |record| {
+        record.address = address;
+        record.connections += 1;
+    });
     let stop = agent.shutdown.child_token();
     let mut sessions = tokio::task::JoinSet::new();
     let (code, reason): (u32, &[u8]) = loop {
@@ -426,5 +432,11 @@ async fn serve_connection(agent: Arc<Agent>, connection: Connection, address: St
     })
     .await;
     connection.close(code.into(), reason);
-    agent.clients.lock().expect("clients lock").remove(&client);
+    let mut clients = agent.clients.lock().expect("clients lock");
+    if let Some(record) = clients.get_mut(&client) {
+        record.connections = record.connections.saturating_sub(1);
+        if record.connections == 0 {
+            clients.remove(&client);
+        }
+    }
 }

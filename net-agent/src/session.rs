@@ -71,18 +71,44 @@ impl Burst {
 }
 type Writer<W> = FrameWriter<W>;
 
+/// A request whose reply the agent must see before the client does. It goes
+/// to the helper under an id of the agent's own, so that only the reply to
+/// that very request is judged, whatever ids the client reuses.
+enum Judged {
+    /// Its reply loses the devices that are not shared.
+    List { client_id: RequestId },
+    /// Its reply is checked against the shares again and recorded.
+    Open {
+        client_id: RequestId,
+        key: DeviceKey,
+    },
+}
+
 /// What a session remembers to authorize and filter without touching transfers.
 #[derive(Default)]
 struct SessionState {
-    /// `ListDevices` requests whose replies must be filtered by shares.
-    lists: HashSet<RequestId>,
-    /// `Open` requests in flight and the device each names.
-    opens: HashMap<RequestId, DeviceKey>,
+    /// Judged requests in flight, by the id the helper knows them by.
+    judged: HashMap<RequestId, Judged>,
     /// Open devices of this session.
     opened: HashMap<Handle, DeviceKey>,
     /// Requests the agent sent itself; their replies are not forwarded.
     internal: HashSet<RequestId>,
     next_internal: RequestId,
+}
+
+impl SessionState {
+    fn internal_id(&mut self) -> RequestId {
+        let id = self.next_internal;
+        self.next_internal += 1;
+        id
+    }
+
+    /// Re-addresses a judged request to an id of the agent's own.
+    fn judge(&mut self, judged: Judged, body: Request) -> Option<Bytes> {
+        let id = self.internal_id();
+        self.judged.insert(id, judged);
+        encode_body(&Message::Request { id, body }).ok()
+    }
 }
 
 /// Runs one session until the client or the helper ends it, or `stop` fires.
@@ -132,6 +158,7 @@ pub(crate) async fn run(
         from_helper,
         to_client,
         notices_rx,
+        internal.clone(),
         state.clone(),
     ));
     let mut policy = agent.policy.subscribe();
@@ -141,6 +168,9 @@ pub(crate) async fn run(
             _ = &mut downstream => break,
             _ = policy.changed() => withdraw_unshared(&agent, &state, &internal, &notices).await,
             _ = stop.cancelled() => {
+                // Nothing more from the client reaches the helper (a revoked
+                // client is cut off now); replies still flow for a moment.
+                upstream.abort();
                 let _ = notices.send(Message::Event(Event::ShuttingDown {
                     reason: "server is shutting down".into(),
                 })).await;
@@ -287,20 +317,20 @@ async fn client_to_helper<R, W>(
                         UsbError::Protocol("request ids must be below 2^63".into()),
                     ))
                     .await;
-                false
+                None
             }
             FrameKind::Request {
                 id,
                 kind: "ListDevices",
-            } => {
-                state.lock().expect("session lock").lists.insert(id);
-                true
-            }
+            } => state
+                .lock()
+                .expect("session lock")
+                .judge(Judged::List { client_id: id }, Request::ListDevices),
             FrameKind::Request {
                 kind: "Open" | "Close",
                 ..
-            } => judge(&agent, &frame, &notices, &state).await,
-            FrameKind::Request { .. } => true,
+            } => judge(&agent, frame, &notices, &state).await,
+            FrameKind::Request { .. } => Some(frame),
             FrameKind::Unknown => {
                 if let Err(malformed) = decode_frame::<Message>(frame.clone())
                     && let Some(id) = malformed.request_id
@@ -309,11 +339,11 @@ async fn client_to_helper<R, W>(
                         .send(reply(id, UsbError::Protocol(malformed.reason)))
                         .await;
                 }
-                false
+                None
             }
-            FrameKind::Reply { .. } | FrameKind::Event | FrameKind::Hello => false,
+            FrameKind::Reply { .. } | FrameKind::Event | FrameKind::Hello => None,
         };
-        if forward {
+        if let Some(frame) = forward {
             if to_helper.queue_raw(frame).is_err() {
                 return;
             }
@@ -323,13 +353,14 @@ async fn client_to_helper<R, W>(
 }
 
 /// Opens and closes are decoded: opens of unshared devices are refused here,
-/// and the session learns which devices it holds.
+/// and the session learns which devices it holds. Returns the frame to
+/// forward, if any.
 async fn judge(
     agent: &Agent,
-    frame: &Bytes,
+    frame: Bytes,
     notices: &mpsc::Sender<Message>,
     state: &Mutex<SessionState>,
-) -> bool {
+) -> Option<Bytes> {
     match decode_frame::<Message>(frame.clone()) {
         Ok(Message::Request {
             id,
@@ -339,26 +370,29 @@ async fn judge(
                 let _ = notices
                     .send(reply(id, UsbError::NotShared(key.to_string())))
                     .await;
-                return false;
+                return None;
             }
-            state.lock().expect("session lock").opens.insert(id, key);
-            true
+            let body = Request::Open { key: key.clone() };
+            state
+                .lock()
+                .expect("session lock")
+                .judge(Judged::Open { client_id: id, key }, body)
         }
         Ok(Message::Request {
             body: Request::Close { handle },
             ..
         }) => {
             state.lock().expect("session lock").opened.remove(&handle);
-            true
+            Some(frame)
         }
-        Ok(_) => true,
+        Ok(_) => Some(frame),
         Err(malformed) => {
             if let Some(id) = malformed.request_id {
                 let _ = notices
                     .send(reply(id, UsbError::Protocol(malformed.reason)))
                     .await;
             }
-            false
+            None
         }
     }
 }
@@ -370,6 +404,7 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
     mut from_helper: Reader<R>,
     mut to_client: Writer<QuicWriter>,
     mut notices: mpsc::Receiver<Message>,
+    internal: mpsc::Sender<Message>,
     state: Arc<Mutex<SessionState>>,
 ) {
     let mut burst = Burst::default();
@@ -405,23 +440,27 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
             }
         };
         let (frame, last) = match peek(&frame) {
-            FrameKind::Reply { id } => {
+            FrameKind::Reply { id } if id >= INTERNAL_IDS => {
                 let judged = {
                     let mut state = state.lock().expect("session lock");
                     if state.internal.remove(&id) {
                         continue;
                     }
-                    state.lists.contains(&id) || state.opens.contains_key(&id)
+                    state.judged.remove(&id)
                 };
-                if judged {
-                    match filter_reply(&agent, client, &frame, &state) {
-                        Some(frame) => (frame, false),
-                        None => continue,
-                    }
-                } else {
-                    (frame, false)
+                let Some(judged) = judged else { continue };
+                let (frame, withdraw) = filter_reply(&agent, client, &frame, judged, &state);
+                if let Some(close) = withdraw
+                    && internal.send(close).await.is_err()
+                {
+                    return;
+                }
+                match frame {
+                    Some(frame) => (frame, false),
+                    None => continue,
                 }
             }
+            FrameKind::Reply { .. } => (frame, false),
             FrameKind::Event => match filter_event(&agent, &frame, &state) {
                 Some(filtered) => filtered,
                 None => continue,
@@ -452,38 +491,66 @@ async fn finish(mut to_client: Writer<QuicWriter>) {
     .await;
 }
 
-/// Device lists lose unshared devices; successful opens are recorded.
+/// The reply to a judged request, under the client's own id: device lists
+/// lose unshared devices; an open is recorded, or, when its device stopped
+/// being shared while the helper opened it, undone (the request to close it
+/// is returned) and refused.
 fn filter_reply(
     agent: &Agent,
     client: EndpointId,
     frame: &Bytes,
+    judged: Judged,
     state: &Mutex<SessionState>,
-) -> Option<Bytes> {
-    let Ok(Message::Reply { id, body }) = decode_frame::<Message>(frame.clone()) else {
-        return None;
+) -> (Option<Bytes>, Option<Message>) {
+    let body = match decode_frame::<Message>(frame.clone()) {
+        Ok(Message::Reply { body, .. }) => body,
+        _ => Err(UsbError::Protocol(
+            "the USB helper sent a reply the agent cannot read".into(),
+        )),
     };
-    let mut state = state.lock().expect("session lock");
-    let body = if state.lists.remove(&id) {
-        body.map(|reply| match reply {
-            Reply::Devices(devices) => Reply::Devices(
-                devices
-                    .into_iter()
-                    .filter(|d| agent.policy.is_shared(&d.key))
-                    .collect(),
-            ),
-            other => other,
-        })
-    } else {
-        body
+    let mut withdraw = None;
+    let (id, body) = match judged {
+        Judged::List { client_id } => (
+            client_id,
+            body.map(|reply| match reply {
+                Reply::Devices(devices) => Reply::Devices(
+                    devices
+                        .into_iter()
+                        .filter(|d| agent.policy.is_shared(&d.key))
+                        .collect(),
+                ),
+                other => other,
+            }),
+        ),
+        Judged::Open { client_id, key } => match body {
+            Ok(Reply::Opened { handle, device }) => {
+                // Checked under the session lock, which a withdrawal after a
+                // share change also takes: either it sees this device as
+                // open, or this sees the new shares.
+                let mut state = state.lock().expect("session lock");
+                if agent.policy.is_shared(&key) {
+                    tracing::info!(client = %client, device = %key, "device opened by client");
+                    if let Some(record) =
+                        agent.clients.lock().expect("clients lock").get_mut(&client)
+                    {
+                        record.devices.insert(key.to_string());
+                    }
+                    state.opened.insert(handle, key);
+                    (client_id, Ok(Reply::Opened { handle, device }))
+                } else {
+                    let id = state.internal_id();
+                    state.internal.insert(id);
+                    withdraw = Some(Message::Request {
+                        id,
+                        body: Request::Close { handle },
+                    });
+                    (client_id, Err(UsbError::NotShared(key.to_string())))
+                }
+            }
+            other => (client_id, other),
+        },
     };
-    if let (Some(key), Ok(Reply::Opened { handle, .. })) = (state.opens.remove(&id), &body) {
-        tracing::info!(client = %client, device = %key, "device opened by client");
-        if let Some(record) = agent.clients.lock().expect("clients lock").get_mut(&client) {
-            record.devices.insert(key.to_string());
-        }
-        state.opened.insert(*handle, key);
-    }
-    encode_body(&Message::Reply { id, body }).ok()
+    (encode_body(&Message::Reply { id, body }).ok(), withdraw)
 }
 
 /// Hotplug events only for shared devices; a helper shutdown ends the session.
@@ -498,12 +565,12 @@ fn filter_event(
             .is_shared(&device.key)
             .then(|| (frame.clone(), false)),
         Message::Event(Event::DeviceLeft { key }) => {
-            state
-                .lock()
-                .expect("session lock")
-                .opened
-                .retain(|_, k| *k != key);
-            Some((frame.clone(), false))
+            // Unshared devices do not exist for clients, not even leaving,
+            // unless this session had opened one.
+            let mut state = state.lock().expect("session lock");
+            let held = state.opened.values().any(|k| *k == key);
+            state.opened.retain(|_, k| *k != key);
+            (held || agent.policy.is_shared(&key)).then(|| (frame.clone(), false))
         }
         Message::Event(Event::ShuttingDown { reason }) => {
             let notice = Message::Event(Event::ShuttingDown {
@@ -534,8 +601,7 @@ async fn withdraw_unshared(
         gone.into_iter()
             .map(|(handle, key)| {
                 state.opened.remove(&handle);
-                let id = state.next_internal;
-                state.next_internal += 1;
+                let id = state.internal_id();
                 state.internal.insert(id);
                 (id, handle, key)
             })

@@ -448,6 +448,123 @@ async fn requests_are_authorized_per_session_and_replies_stay_matched() {
     assert!(usb::open(&second, &key).await.is_ok());
 }
 
+/// A client that reuses request ids (the protocol does not forbid it) must
+/// not get past the share filter: every device list is filtered, and every
+/// open the helper grants is known to the agent, so unsharing withdraws it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_request_ids_do_not_get_past_the_share_filter() {
+    use futures_util::StreamExt;
+    use p2p_usb_common::codec::{FrameWriter, MessageCodec};
+    use p2p_usb_common::proto::Message;
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (client, server) = start_with_approved_client(dir.path(), "auto_share = false").await;
+    let zero_key: p2p_usb_common::proto::DeviceKey =
+        "1-1/0525:a4a0/p2p-usb-sim-zero".parse().unwrap();
+    let shared = server
+        .control(ControlRequest::Share(zero_key.to_string()))
+        .await;
+    assert!(matches!(shared, ControlReply::Done(_)), "{shared:?}");
+
+    let connection = client.connect(&server.addr().await).await.unwrap();
+    let (send, recv) = connection.open_bi().await.unwrap();
+    let mut reader = FramedRead::new(recv, MessageCodec::default());
+    let mut writer = FramedWrite::new(send, MessageCodec::default());
+    p2p_usb_common::link::handshake(&mut reader, &mut writer, "raw-test")
+        .await
+        .unwrap();
+    let mut writer = FrameWriter::new(writer.into_inner());
+    let mut next = async || loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), reader.next())
+            .await
+            .expect("a message in time")
+            .expect("stream open")
+            .unwrap()
+            .unwrap();
+        match message {
+            Message::Event(Event::DeviceArrived(_)) => continue,
+            other => return other,
+        }
+    };
+
+    // The same id twice, in one write: both replies are filtered.
+    for _ in 0..2 {
+        writer
+            .queue(&Message::Request {
+                id: 1,
+                body: Request::ListDevices,
+            })
+            .unwrap();
+    }
+    writer.flush().await.unwrap();
+    for _ in 0..2 {
+        match next().await {
+            Message::Reply {
+                id: 1,
+                body: Ok(Reply::Devices(devices)),
+            } => {
+                let keys: Vec<_> = devices.iter().map(|d| d.key.clone()).collect();
+                assert_eq!(keys, vec![zero_key.clone()], "only the shared device");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // A cancel and an open under one id: the open is still recorded.
+    writer
+        .queue(&Message::Request {
+            id: 5,
+            body: Request::Cancel { request: 99 },
+        })
+        .unwrap();
+    writer
+        .queue(&Message::Request {
+            id: 5,
+            body: Request::Open {
+                key: zero_key.clone(),
+            },
+        })
+        .unwrap();
+    writer.flush().await.unwrap();
+    let mut handle = None;
+    for _ in 0..2 {
+        match next().await {
+            Message::Reply {
+                id: 5,
+                body: Ok(Reply::Opened { handle: h, .. }),
+            } => handle = Some(h),
+            Message::Reply {
+                id: 5,
+                body: Ok(Reply::Done),
+            } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let handle = handle.expect("the open succeeded");
+    server
+        .control(ControlRequest::Unshare(zero_key.to_string()))
+        .await;
+    assert_eq!(
+        next().await,
+        Message::Event(Event::DeviceLeft {
+            key: zero_key.clone()
+        }),
+        "the agent withdrew the device it saw opened"
+    );
+    writer
+        .send(&Message::Request {
+            id: 6,
+            body: Request::Submit(transfer(handle, zero::EP_IN, input(64))),
+        })
+        .await
+        .unwrap();
+    match next().await {
+        Message::Reply { id: 6, body } => assert!(body.is_err(), "{body:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A network namespace with a veth pair to the test's namespace, removed on drop.
 struct Netns {
     name: String,
