@@ -69,6 +69,9 @@ pub enum CodecError {
 pub struct Malformed {
     /// The id of the request, when the frame looks like a request.
     pub request_id: Option<RequestId>,
+    /// The id of the request answered, when the frame looks like a reply:
+    /// its waiter must still get an answer.
+    pub reply_id: Option<RequestId>,
     pub reason: String,
 }
 
@@ -480,17 +483,19 @@ impl Decoder for FrameCodec {
 /// Decodes one frame body; on failure recovers the request id if it can.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Malformed> {
     rmp_serde::from_slice(body).map_err(|e| Malformed {
-        request_id: request_id_of(body),
+        request_id: id_of("Request", body),
+        reply_id: id_of("Reply", body),
         reason: e.to_string(),
     })
 }
 
-/// Reads `{"Request": [id, ...]}` loosely, so an unknown request kind can
-/// still be answered with an error under the right id.
-fn request_id_of(body: &[u8]) -> Option<RequestId> {
+/// Reads `{"Request": [id, ...]}` (or `Reply`) loosely, so an unknown
+/// request kind can still be answered with an error under the right id, and
+/// an unreadable reply still ends its request.
+fn id_of(kind: &str, body: &[u8]) -> Option<RequestId> {
     let value = rmpv::decode::read_value(&mut &body[..]).ok()?;
     let (tag, fields) = value.as_map()?.first()?;
-    if tag.as_str()? != "Request" {
+    if tag.as_str()? != kind {
         return None;
     }
     let id = match fields {

@@ -398,6 +398,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Ok(Err(malformed)) => {
                 tracing::warn!("peer sent a malformed message: {malformed}");
+                if let Some(id) = malformed.reply_id {
+                    let waiter = waiters.lock().expect("waiters lock").remove(&id);
+                    if let Some(waiter) = waiter {
+                        waiter.deliver(id, Err(UsbError::Protocol(malformed.reason)));
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!("link failed: {e}");
@@ -466,6 +472,47 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_reply_still_ends_its_request() {
+        use tokio::io::AsyncWriteExt;
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let (r, w) = b.into_split();
+            let mut reader = FramedRead::new(r, MessageCodec::default());
+            let mut writer = FramedWrite::new(w, MessageCodec::default());
+            handshake(&mut reader, &mut writer, "test-server")
+                .await
+                .unwrap();
+            let Some(Ok(Ok(Message::Request { id, .. }))) = reader.next().await else {
+                return;
+            };
+            use rmpv::Value;
+            let bogus = Value::Map(vec![(
+                Value::from("Reply"),
+                Value::Array(vec![
+                    Value::from(id),
+                    Value::Map(vec![(Value::from("Ok"), Value::from("no such reply"))]),
+                ]),
+            )]);
+            let mut body = Vec::new();
+            rmpv::encode::write_value(&mut body, &bogus).unwrap();
+            let mut w = writer.into_inner();
+            w.write_all(&(body.len() as u32).to_be_bytes())
+                .await
+                .unwrap();
+            w.write_all(&body).await.unwrap();
+            // Keep the link open: the answer must come from the reply itself.
+            while reader.next().await.is_some() {}
+        });
+        let (r, w) = a.into_split();
+        let (client, _events) = LinkClient::start(r, w, "test-client").await.unwrap();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), client.request(Request::ListDevices))
+                .await
+                .expect("answered, not left waiting");
+        assert!(matches!(answer, Err(UsbError::Protocol(_))), "{answer:?}");
     }
 
     #[tokio::test]

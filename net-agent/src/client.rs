@@ -276,7 +276,7 @@ pub fn pick_device<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -297,7 +297,7 @@ mod tests {
         );
     }
 
-    fn p2p_usb_common_test_device(bus_path: &str, vid: u16, pid: u16) -> DeviceInfo {
+    pub(crate) fn p2p_usb_common_test_device(bus_path: &str, vid: u16, pid: u16) -> DeviceInfo {
         use p2p_usb_common::proto::*;
         DeviceInfo {
             key: DeviceKey {

@@ -91,7 +91,8 @@ pub struct Imported {
     /// The device as the import reply described it.
     pub device: UsbDevice,
     writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
-    waiters: Arc<Mutex<HashMap<u32, Waiter>>>,
+    /// URBs waiting for their reply; `None` once the reply reader has ended.
+    waiters: Arc<Mutex<Option<HashMap<u32, Waiter>>>>,
     next_seqnum: AtomicU32,
 }
 
@@ -130,55 +131,13 @@ impl Imported {
         // Buffered as vhci_hcd reads in the kernel: a header and its payload do
         // not cost a system call each.
         let mut reader = BufReader::with_capacity(READ_BUFFER_CAPACITY, reader);
-        let waiters: Arc<Mutex<HashMap<u32, Waiter>>> = Arc::default();
+        let waiters = Arc::new(Mutex::new(Some(HashMap::new())));
         let table = waiters.clone();
         tokio::spawn(async move {
-            let mut header = [0u8; URB_HEADER_LEN];
-            while reader.read_exact(&mut header).await.is_ok() {
-                let Ok(parsed) = UrbHeader::decode(&header) else {
-                    return;
-                };
-                match parsed {
-                    UrbHeader::RetSubmit(ret) => {
-                        let waiter = table.lock().expect("waiters lock").remove(&ret.seqnum);
-                        let dir_in = matches!(waiter, Some(Waiter::Submit { dir_in: true, .. }));
-                        let length = if dir_in {
-                            ret.actual_length.max(0) as usize
-                        } else {
-                            0
-                        };
-                        let iso_len = iso_descriptors_len(ret.number_of_packets);
-                        // Lengths from the wire are bounded before they are allocated.
-                        if length > MAX_TRANSFER_LEN as usize
-                            || iso_len > MAX_ISO_PACKETS * ISO_DESCRIPTOR_LEN
-                        {
-                            return;
-                        }
-                        let mut iso = vec![0u8; iso_len];
-                        let Ok(data) = read_payload(&mut reader, length).await else {
-                            return;
-                        };
-                        if reader.read_exact(&mut iso).await.is_err() {
-                            return;
-                        }
-                        if let Some(Waiter::Submit { tx, .. }) = waiter {
-                            let _ = tx.send(UrbResult {
-                                status: ret.status,
-                                actual_length: ret.actual_length.max(0) as usize,
-                                data,
-                            });
-                        }
-                    }
-                    UrbHeader::RetUnlink(ret) => {
-                        if let Some(Waiter::Unlink(tx)) =
-                            table.lock().expect("waiters lock").remove(&ret.seqnum)
-                        {
-                            let _ = tx.send(ret.status);
-                        }
-                    }
-                    _ => return,
-                }
-            }
+            read_replies(&mut reader, &table).await;
+            // Whatever is still waiting, or asks later, learns the
+            // connection is gone.
+            table.lock().expect("waiters lock").take();
         });
         Imported {
             device,
@@ -208,13 +167,13 @@ impl Imported {
             UrbData::In(length) => (USBIP_DIR_IN, *length as i32, Bytes::new()),
             UrbData::Out(bytes) => (USBIP_DIR_OUT, bytes.len() as i32, bytes.clone()),
         };
-        self.waiters.lock().expect("waiters lock").insert(
+        self.wait_for(
             seqnum,
             Waiter::Submit {
                 dir_in: direction == USBIP_DIR_IN,
                 tx,
             },
-        );
+        )?;
         let cmd = CmdSubmit {
             seqnum,
             devid: self.device.devid(),
@@ -232,7 +191,10 @@ impl Imported {
             Bytes::copy_from_slice(&UrbHeader::Submit(cmd).encode()),
             payload,
         ];
-        write_all_vectored(&mut *self.writer.lock().await, &mut pieces).await?;
+        if let Err(e) = write_all_vectored(&mut *self.writer.lock().await, &mut pieces).await {
+            self.forget(seqnum);
+            return Err(e.into());
+        }
         Ok((seqnum, async move {
             rx.await.map_err(|_| UsbipClientError::Closed)
         }))
@@ -245,10 +207,7 @@ impl Imported {
     ) -> Result<impl Future<Output = Result<i32, UsbipClientError>> + use<>, UsbipClientError> {
         let own = self.next_seqnum.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .expect("waiters lock")
-            .insert(own, Waiter::Unlink(tx));
+        self.wait_for(own, Waiter::Unlink(tx))?;
         let cmd = CmdUnlink {
             seqnum: own,
             devid: self.device.devid(),
@@ -256,12 +215,35 @@ impl Imported {
             ep: 0,
             unlink_seqnum: seqnum,
         };
-        self.writer
+        let written = self
+            .writer
             .lock()
             .await
             .write_all(&UrbHeader::Unlink(cmd).encode())
-            .await?;
+            .await;
+        if let Err(e) = written {
+            self.forget(own);
+            return Err(e.into());
+        }
         Ok(async move { rx.await.map_err(|_| UsbipClientError::Closed) })
+    }
+
+    /// Registers the waiter of `seqnum`, unless no reply can come any more.
+    fn wait_for(&self, seqnum: u32, waiter: Waiter) -> Result<(), UsbipClientError> {
+        match self.waiters.lock().expect("waiters lock").as_mut() {
+            Some(waiters) => {
+                waiters.insert(seqnum, waiter);
+                Ok(())
+            }
+            None => Err(UsbipClientError::Closed),
+        }
+    }
+
+    /// Drops the waiter of a command that was never sent.
+    fn forget(&self, seqnum: u32) {
+        if let Some(waiters) = self.waiters.lock().expect("waiters lock").as_mut() {
+            waiters.remove(&seqnum);
+        }
     }
 
     /// Runs one URB to completion.
@@ -305,5 +287,101 @@ impl Imported {
     /// Closes the connection (a detach, as far as the server can tell).
     pub async fn close(self) {
         let _ = self.writer.lock().await.shutdown().await;
+    }
+}
+
+/// Reads RET_SUBMIT and RET_UNLINK until the stream ends or breaks, handing
+/// each to its waiter.
+async fn read_replies<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    table: &Mutex<Option<HashMap<u32, Waiter>>>,
+) {
+    let take = |seqnum: u32| {
+        table
+            .lock()
+            .expect("waiters lock")
+            .as_mut()
+            .and_then(|waiters| waiters.remove(&seqnum))
+    };
+    let mut header = [0u8; URB_HEADER_LEN];
+    while reader.read_exact(&mut header).await.is_ok() {
+        let Ok(parsed) = UrbHeader::decode(&header) else {
+            return;
+        };
+        match parsed {
+            UrbHeader::RetSubmit(ret) => {
+                let waiter = take(ret.seqnum);
+                let dir_in = matches!(waiter, Some(Waiter::Submit { dir_in: true, .. }));
+                let length = if dir_in {
+                    ret.actual_length.max(0) as usize
+                } else {
+                    0
+                };
+                let iso_len = iso_descriptors_len(ret.number_of_packets);
+                // Lengths from the wire are bounded before they are allocated.
+                if length > MAX_TRANSFER_LEN as usize
+                    || iso_len > MAX_ISO_PACKETS * ISO_DESCRIPTOR_LEN
+                {
+                    return;
+                }
+                let mut iso = vec![0u8; iso_len];
+                let Ok(data) = read_payload(reader, length).await else {
+                    return;
+                };
+                if reader.read_exact(&mut iso).await.is_err() {
+                    return;
+                }
+                if let Some(Waiter::Submit { tx, .. }) = waiter {
+                    let _ = tx.send(UrbResult {
+                        status: ret.status,
+                        actual_length: ret.actual_length.max(0) as usize,
+                        data,
+                    });
+                }
+            }
+            UrbHeader::RetUnlink(ret) => {
+                if let Some(Waiter::Unlink(tx)) = take(ret.seqnum) {
+                    let _ = tx.send(ret.status);
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urbs_fail_instead_of_waiting_once_the_server_is_gone() {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (reader, writer) = ours.into_split();
+        let device = Imported::over(UsbDevice::default(), reader, writer);
+        let (_, reply) = device
+            .submit(0x81, [0; 8], UrbData::In(64), 0)
+            .await
+            .unwrap();
+        // A server that sends one garbage header and leaves.
+        let (_their_reader, mut their_writer) = theirs.into_split();
+        their_writer
+            .write_all(&[0xff; URB_HEADER_LEN])
+            .await
+            .unwrap();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(5), reply)
+            .await
+            .expect("the pending URB is answered");
+        assert!(
+            matches!(answered, Err(UsbipClientError::Closed)),
+            "{answered:?}"
+        );
+        // Later URBs fail at once rather than wait for a reader that is gone.
+        let later = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            device.transfer(0x81, UrbData::In(64), 0),
+        )
+        .await
+        .expect("answered at once");
+        assert!(later.is_err(), "{later:?}");
     }
 }

@@ -25,7 +25,15 @@ pub fn speed_code(speed: Speed) -> u32 {
 /// How a remote device is described to USB/IP clients: its bus path on the
 /// server is the busid, and the path names the server.
 pub fn usbip_device(device: &DeviceInfo, server: &str) -> UsbDevice {
-    let interfaces = device.active_config().map_or(0, |c| c.interfaces.len());
+    // Counted as the devlist lists them (interfaces with a setting; the
+    // field is one byte), so the two always agree.
+    let interfaces = device.active_config().map_or(0, |c| {
+        c.interfaces
+            .iter()
+            .filter(|i| !i.alt_settings.is_empty())
+            .count()
+            .min(usize::from(u8::MAX))
+    });
     UsbDevice {
         path: format!("/p2p-usb/{server}/{}", device.key.bus_path),
         busid: device.key.bus_path.clone(),
@@ -53,6 +61,7 @@ pub fn devlist_entry(device: &DeviceInfo, server: &str) -> DevlistEntry {
             c.interfaces
                 .iter()
                 .filter_map(|i| i.alt_settings.first())
+                .take(usize::from(u8::MAX))
                 .map(|a| UsbInterface {
                     class: a.class,
                     subclass: a.subclass,
@@ -81,4 +90,48 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
         }
     }
     Ok(data.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::tests::p2p_usb_common_test_device;
+    use p2p_usb_common::proto::{AltSetting, ConfigurationDescriptor, InterfaceDescriptor};
+
+    #[test]
+    fn any_device_a_server_describes_can_be_listed() {
+        let setting = AltSetting {
+            alternate: 0,
+            class: 8,
+            subclass: 6,
+            protocol: 0x50,
+            string_index: 0,
+            endpoints: vec![],
+        };
+        let mut interfaces: Vec<InterfaceDescriptor> = (0..300)
+            .map(|n| InterfaceDescriptor {
+                number: n as u8,
+                alt_settings: vec![setting.clone()],
+            })
+            .collect();
+        // An interface without settings is not listed, and not counted.
+        interfaces[1].alt_settings.clear();
+        let mut device = p2p_usb_common_test_device("1-1", 0x1234, 0x5678);
+        device.configurations = vec![ConfigurationDescriptor {
+            value: 1,
+            attributes: 0x80,
+            max_power: 50,
+            string_index: 0,
+            interfaces,
+            raw: Default::default(),
+        }];
+        let entry = devlist_entry(&device, "server");
+        assert_eq!(
+            usize::from(entry.device.num_interfaces),
+            entry.interfaces.len()
+        );
+        assert_eq!(entry.interfaces.len(), 255);
+        let mut out = bytes::BytesMut::new();
+        proto::encode_devlist(&mut out, &[entry]).expect("encodes");
+    }
 }

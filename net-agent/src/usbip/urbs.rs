@@ -396,6 +396,21 @@ fn complete(
         return Some(wire(UrbHeader::RetUnlink(ret)));
     }
     match result {
+        Ok(Reply::Transferred(completion))
+            if urb.cmd.direction == USBIP_DIR_IN
+                && completion.data.len() < completion.actual_length as usize =>
+        {
+            // The header must announce exactly the bytes that follow it, or
+            // the kernel would read the next replies as data.
+            Some(failure(
+                &urb.cmd,
+                &UsbError::Protocol(format!(
+                    "the server reported {} bytes read but sent {}",
+                    completion.actual_length,
+                    completion.data.len()
+                )),
+            ))
+        }
         Ok(Reply::Transferred(completion)) => {
             let actual = completion.actual_length as usize;
             let dir_in = urb.cmd.direction == USBIP_DIR_IN;
@@ -404,7 +419,7 @@ fn complete(
                 Ok(ret) => Some(Outgoing {
                     header: UrbHeader::RetSubmit(ret).encode(),
                     data: if dir_in {
-                        completion.data.slice(..actual.min(completion.data.len()))
+                        completion.data.slice(..actual)
                     } else {
                         Bytes::new()
                     },
@@ -505,5 +520,44 @@ mod tests {
         assert!(whole_urb_buffered(&submit_header(USBIP_DIR_IN, 4096)));
         // Garbage is left for the reader to report.
         assert!(!whole_urb_buffered(&[0xff; URB_HEADER_LEN]));
+    }
+
+    #[test]
+    fn an_in_reply_announces_exactly_the_bytes_it_carries() {
+        let answer = |actual_length: u32, data: &'static [u8]| {
+            let cmd = match UrbHeader::decode(&submit_header(USBIP_DIR_IN, 64)).unwrap() {
+                UrbHeader::Submit(cmd) => cmd,
+                other => panic!("{other:?}"),
+            };
+            let pending = Mutex::new(Pending::default());
+            pending.lock().unwrap().by_id.insert(
+                7,
+                PendingUrb {
+                    cmd,
+                    unlinked_by: None,
+                },
+            );
+            let completion = Completion {
+                actual_length,
+                data: Bytes::from_static(data),
+            };
+            let outgoing = complete(&pending, 7, Ok(Reply::Transferred(completion))).unwrap();
+            match UrbHeader::decode(&outgoing.header).unwrap() {
+                UrbHeader::RetSubmit(ret) => (ret.status, ret.actual_length, outgoing.data),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(answer(4, b"abcdef"), (0, 4, Bytes::from_static(b"abcd")));
+        let (status, actual, data) = answer(512, b"");
+        assert_eq!(
+            (actual, data.len()),
+            (0, 0),
+            "nothing announced that is not sent"
+        );
+        assert_eq!(
+            status,
+            UsbError::Protocol(String::new()).urb_status(),
+            "a server contradicting itself is a protocol error"
+        );
     }
 }
