@@ -89,6 +89,10 @@ pub fn load_or_create(path: &Path) -> Result<SecretKey, IdentityError> {
     let _ = std::fs::remove_file(&temp);
     match linked {
         Ok(()) => {
+            // The new name is on disk only once the directory is.
+            std::fs::File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(create_err)?;
             tracing::info!(path = %path.display(), "created a new identity key");
             Ok(key)
         }

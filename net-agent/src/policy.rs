@@ -86,6 +86,11 @@ pub struct Policy {
     /// so writes land in order without holding `state` (which every
     /// connecting client needs) during file I/O. Taken before `state`.
     pending_file: Mutex<()>,
+    /// Held by a decision (approve, revoke, share, unshare) from reading the
+    /// current state until its file is written and the change committed: a
+    /// decision takes effect only once it is on disk, and `state` is not
+    /// held during the fsync. Taken before `pending_file` and `state`.
+    deciding: Mutex<()>,
     /// Bumped on every change, so sessions re-check their client and devices.
     changed: watch::Sender<u64>,
 }
@@ -111,7 +116,7 @@ impl Policy {
         }
         let state = State {
             approvals: read_state(&state_dir.join("approvals.toml"))?,
-            pending: read_state(&state_dir.join("pending.toml"))?,
+            pending: read_advisory_state(&state_dir.join("pending.toml")),
             shares: read_state(&state_dir.join("shares.toml"))?,
         };
         Ok(Policy {
@@ -121,6 +126,7 @@ impl Policy {
             auto_share: config.value.usb.auto_share,
             state: Mutex::new(state),
             pending_file: Mutex::new(()),
+            deciding: Mutex::new(()),
             changed: watch::channel(0).0,
         })
     }
@@ -201,40 +207,43 @@ impl Policy {
     /// Approves a client (and lifts an earlier revocation).
     pub fn approve(&self, id: &EndpointId) -> Result<(), PolicyError> {
         let text = id.to_string();
-        {
-            let _writing = self.pending_file.lock().expect("pending file lock");
+        let _deciding = self.deciding.lock().expect("decision lock");
+        let mut approvals = self.state.lock().expect("policy lock").approvals.clone();
+        approvals.revoked.remove(&text);
+        approvals.approved.insert(text.clone());
+        write_state(
+            &self.dir.join("approvals.toml"),
+            &approvals,
+            Durability::Synced,
+        )?;
+        let _writing = self.pending_file.lock().expect("pending file lock");
+        let pending = {
             let mut state = self.state.lock().expect("policy lock");
-            state.approvals.revoked.remove(&text);
-            state.approvals.approved.insert(text.clone());
+            state.approvals = approvals;
             state.pending.clients.retain(|c| c.id != text);
-            write_state(
-                &self.dir.join("approvals.toml"),
-                &state.approvals,
-                Durability::Synced,
-            )?;
-            write_state(
-                &self.dir.join("pending.toml"),
-                &state.pending,
-                Durability::Cached,
-            )?;
-        }
+            state.pending.clone()
+        };
         self.bump();
+        // The approval stands; the pending list is advisory.
+        if let Err(e) = write_state(&self.dir.join("pending.toml"), &pending, Durability::Cached) {
+            tracing::warn!("{e}");
+        }
         Ok(())
     }
 
     /// Revokes a client, including one approved in the config file.
     pub fn revoke(&self, id: &EndpointId) -> Result<(), PolicyError> {
         let text = id.to_string();
-        {
-            let mut state = self.state.lock().expect("policy lock");
-            state.approvals.approved.remove(&text);
-            state.approvals.revoked.insert(text);
-            write_state(
-                &self.dir.join("approvals.toml"),
-                &state.approvals,
-                Durability::Synced,
-            )?;
-        }
+        let _deciding = self.deciding.lock().expect("decision lock");
+        let mut approvals = self.state.lock().expect("policy lock").approvals.clone();
+        approvals.approved.remove(&text);
+        approvals.revoked.insert(text);
+        write_state(
+            &self.dir.join("approvals.toml"),
+            &approvals,
+            Durability::Synced,
+        )?;
+        self.state.lock().expect("policy lock").approvals = approvals;
         self.bump();
         Ok(())
     }
@@ -262,21 +271,17 @@ impl Policy {
 
     fn set_shared(&self, key: &DeviceKey, shared: bool) -> Result<(), PolicyError> {
         let text = key.to_string();
-        {
-            let mut state = self.state.lock().expect("policy lock");
-            if shared {
-                state.shares.unshared.remove(&text);
-                state.shares.shared.insert(text);
-            } else {
-                state.shares.shared.remove(&text);
-                state.shares.unshared.insert(text);
-            }
-            write_state(
-                &self.dir.join("shares.toml"),
-                &state.shares,
-                Durability::Synced,
-            )?;
+        let _deciding = self.deciding.lock().expect("decision lock");
+        let mut shares = self.state.lock().expect("policy lock").shares.clone();
+        if shared {
+            shares.unshared.remove(&text);
+            shares.shared.insert(text);
+        } else {
+            shares.shared.remove(&text);
+            shares.unshared.insert(text);
         }
+        write_state(&self.dir.join("shares.toml"), &shares, Durability::Synced)?;
+        self.state.lock().expect("policy lock").shares = shares;
         self.bump();
         Ok(())
     }
@@ -312,6 +317,16 @@ fn read_state<T: DeserializeOwned + Default>(path: &Path) -> Result<T, PolicyErr
     }
 }
 
+/// Reads a file of advisory records (the pending list): one that cannot be
+/// read, such as a file a power cut damaged, is reported and started afresh
+/// instead of keeping the agent from starting.
+fn read_advisory_state<T: DeserializeOwned + Default>(path: &Path) -> T {
+    read_state(path).unwrap_or_else(|e| {
+        tracing::warn!("{e}; starting with an empty list");
+        T::default()
+    })
+}
+
 /// Whether a state file must be on disk before it replaces the old one.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Durability {
@@ -343,7 +358,16 @@ fn write_state<T: Serialize>(
     if durability == Durability::Synced {
         file.sync_all().map_err(err)?;
     }
-    std::fs::rename(&temp, path).map_err(err)
+    std::fs::rename(&temp, path).map_err(err)?;
+    if durability == Durability::Synced
+        && let Some(dir) = path.parent()
+    {
+        // The rename itself is on disk only once the directory is.
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -400,6 +424,39 @@ mod tests {
             "revocation overrides the config file"
         );
         assert!(reloaded.pending().is_empty());
+    }
+
+    #[test]
+    fn a_decision_that_cannot_be_saved_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = SecretKey::generate().public();
+        let file = config(&format!("[security]\napproved_clients = [\"{client}\"]\n"));
+        let policy = Policy::load(&file, dir.path()).unwrap();
+        let mut changes = policy.subscribe();
+        changes.mark_unchanged();
+        // The temporary file cannot be created where a directory stands.
+        std::fs::create_dir(dir.path().join("approvals.toml.tmp")).unwrap();
+        assert!(policy.revoke(&client).is_err());
+        assert!(policy.is_approved(&client), "not revoked in memory either");
+        assert!(
+            !changes.has_changed().unwrap(),
+            "nobody was told of a change"
+        );
+        std::fs::create_dir(dir.path().join("shares.toml.tmp")).unwrap();
+        let key: DeviceKey = "1-1/0525:a4a0".parse().unwrap();
+        assert!(policy.share(&key).is_err());
+        assert!(!policy.is_shared(&key), "not shared in memory either");
+    }
+
+    #[test]
+    fn a_damaged_pending_list_does_not_stop_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pending.toml"), b"\0\0\0garbage").unwrap();
+        let policy = Policy::load(&config(""), dir.path()).expect("starts");
+        assert!(policy.pending().is_empty());
+        // Decisions are not advisory: a damaged approval list is an error.
+        std::fs::write(dir.path().join("approvals.toml"), b"\0\0\0garbage").unwrap();
+        assert!(Policy::load(&config(""), dir.path()).is_err());
     }
 
     #[test]
