@@ -318,12 +318,15 @@ impl LinkClient {
 }
 
 /// Writes queued messages until the link closes. Shared by both ends of a link.
-pub async fn write_loop<W: AsyncWrite + Unpin>(
+pub async fn write_loop<W: AsyncWrite + Unpin, T: serde::Serialize>(
     mut writer: FrameWriter<W>,
-    mut outgoing: mpsc::Receiver<Message>,
+    mut outgoing: mpsc::Receiver<T>,
     closed: CancellationToken,
 ) {
-    // Feed everything already queued, then flush once: one syscall for a burst.
+    // Feed everything already queued, then flush once: one syscall for a
+    // burst. The messages themselves are dropped only once written, so
+    // whatever they hold (the helper's in-flight budget) lasts until then.
+    let mut burst = Vec::new();
     loop {
         let first = tokio::select! {
             message = outgoing.recv() => match message {
@@ -332,24 +335,28 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             },
             _ = closed.cancelled() => break,
         };
-        if let Err(e) = write_burst(&mut writer, first, &mut outgoing).await {
+        if let Err(e) = write_burst(&mut writer, first, &mut outgoing, &mut burst).await {
             tracing::debug!("link write failed: {e}");
             break;
         }
+        burst.clear();
     }
     closed.cancel();
     // Say goodbye properly where the transport allows it (ends the stream).
     let _ = writer.shutdown().await;
 }
 
-async fn write_burst<W: AsyncWrite + Unpin>(
+async fn write_burst<W: AsyncWrite + Unpin, T: serde::Serialize>(
     writer: &mut FrameWriter<W>,
-    first: Message,
-    outgoing: &mut mpsc::Receiver<Message>,
+    first: T,
+    outgoing: &mut mpsc::Receiver<T>,
+    burst: &mut Vec<T>,
 ) -> Result<(), CodecError> {
     writer.queue(&first)?;
+    burst.push(first);
     while let Ok(next) = outgoing.try_recv() {
         writer.queue(&next)?;
+        burst.push(next);
     }
     writer.flush().await
 }

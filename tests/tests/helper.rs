@@ -316,6 +316,73 @@ fn malformed_and_oversized_frames_do_not_hurt_other_peers() {
     assert!(helper.process.output().contains("frame exceeds the limit"));
 }
 
+#[test]
+fn a_peer_that_stops_reading_cannot_grow_the_helpers_memory() {
+    let helper = start_activated_helper("", None);
+    let mut peer = greeted_by_hand(&helper.socket);
+    let request = |id: u64, body: Request| {
+        raw_frame(&rmp_serde::to_vec(&Message::Request { id, body }).unwrap())
+    };
+    let device = {
+        peer.write_all(&request(1, Request::ListDevices)).unwrap();
+        match read_message(&mut peer) {
+            Some(Message::Reply {
+                body: Ok(Reply::Devices(devices)),
+                ..
+            }) => devices
+                .into_iter()
+                .find(|d| (d.key.vid, d.key.pid) == ZERO)
+                .unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    peer.write_all(&request(2, Request::Open { key: device.key }))
+        .unwrap();
+    let handle = match read_message(&mut peer) {
+        Some(Message::Reply {
+            body: Ok(Reply::Opened { handle, .. }),
+            ..
+        }) => handle,
+        other => panic!("{other:?}"),
+    };
+    // 200 reads of 4 MiB from the source endpoint (800 MiB of replies), and
+    // no reply read for now.
+    const READS: u64 = 200;
+    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
+    let mut burst = Vec::new();
+    for id in 0..READS {
+        burst.extend(request(
+            100 + id,
+            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
+        ));
+    }
+    peer.write_all(&burst).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_mib = std::fs::read_to_string(format!("/proc/{}/status", helper.process.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    assert!(
+        rss_mib < 256,
+        "the helper holds {rss_mib} MiB for a peer that does not read (budget 64 MiB)"
+    );
+    // Nothing was lost: every read completes once the peer reads again.
+    peer.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    for _ in 0..READS {
+        match read_message(&mut peer) {
+            Some(Message::Reply {
+                id,
+                body: Ok(Reply::Transferred(completion)),
+            }) if id >= 100 => assert_eq!(completion.actual_length, max),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 /// A connection to the helper that exchanged hellos by hand, without the
 /// link client, so that a test can go on to send what no client would.
 fn greeted_by_hand(socket: &std::path::Path) -> std::os::unix::net::UnixStream {

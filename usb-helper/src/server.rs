@@ -27,7 +27,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, BackendEvent, Device};
-use crate::transfer::ReplySink;
+use crate::transfer::{Outgoing, ReplySink};
 
 /// Program name sent in the hello.
 pub const SOFTWARE: &str = "p2p-usb-helper";
@@ -196,7 +196,7 @@ fn plural(n: usize) -> &'static str {
 struct Connection<'a> {
     helper: &'a Arc<Helper>,
     id: u64,
-    outgoing: mpsc::Sender<Message>,
+    outgoing: mpsc::Sender<Outgoing>,
     devices: HashMap<Handle, Arc<Device>>,
     next_handle: Handle,
     /// Devices announced to this peer, so `DeviceLeft` goes only where
@@ -261,7 +261,7 @@ impl<'a> Connection<'a> {
                 _ = shutdown.cancelled() => {
                     let _ = conn.outgoing.send(Message::Event(Event::ShuttingDown {
                         reason: "helper is stopping".into(),
-                    })).await;
+                    }).into()).await;
                     break "helper stopping".to_string();
                 }
             }
@@ -273,7 +273,7 @@ impl<'a> Connection<'a> {
     }
 
     async fn reply(&self, id: RequestId, body: Result<Reply, UsbError>) {
-        let _ = self.outgoing.send(Message::Reply { id, body }).await;
+        let _ = self.outgoing.send(Message::Reply { id, body }.into()).await;
     }
 
     async fn handle(&mut self, id: RequestId, request: Request) {
@@ -315,7 +315,7 @@ impl<'a> Connection<'a> {
                     let body = device_operation(&device, &request)
                         .await
                         .map(|()| Reply::Done);
-                    let _ = outgoing.send(Message::Reply { id, body }).await;
+                    let _ = outgoing.send(Message::Reply { id, body }.into()).await;
                 });
             }
         }
@@ -379,7 +379,7 @@ impl<'a> Connection<'a> {
                         data: Bytes::new(),
                     })
                 });
-                let _ = outgoing.send(Message::Reply { id, body }).await;
+                let _ = outgoing.send(Message::Reply { id, body }.into()).await;
             });
             return;
         }
@@ -403,7 +403,7 @@ impl<'a> Connection<'a> {
                 self.announced.insert(device.key.clone());
                 let _ = self
                     .outgoing
-                    .try_send(Message::Event(Event::DeviceArrived(device)));
+                    .try_send(Message::Event(Event::DeviceArrived(device)).into());
             }
             BackendEvent::Arrived(_) => {}
             BackendEvent::Left(key) => {
@@ -421,7 +421,7 @@ impl<'a> Connection<'a> {
                 if self.announced.remove(&key) {
                     let _ = self
                         .outgoing
-                        .try_send(Message::Event(Event::DeviceLeft { key }));
+                        .try_send(Message::Event(Event::DeviceLeft { key }).into());
                 }
             }
         }

@@ -119,42 +119,76 @@ pub fn check_short(transfer: &Transfer, completion: Completion) -> Result<Comple
     }
 }
 
+/// A message on its way to a link's writer. A transfer's reply carries the
+/// share of the link's in-flight budget the transfer held, so the budget
+/// comes back once the reply is written, not when it is queued: a peer that
+/// stops reading cannot make the helper hold more than the budget.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub message: Message,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl From<Message> for Outgoing {
+    fn from(message: Message) -> Self {
+        Outgoing {
+            message,
+            _budget: None,
+        }
+    }
+}
+
+impl serde::Serialize for Outgoing {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.message.serialize(serializer)
+    }
+}
+
 /// Where the reply to one transfer goes: the outgoing queue of the link that
-/// submitted it. It holds that link's in-flight budget until the reply is
-/// queued, so a peer cannot make the helper hold unbounded memory.
+/// submitted it, with the budget the transfer holds.
 #[derive(Debug)]
 pub struct ReplySink {
     pub id: RequestId,
-    outgoing: mpsc::Sender<Message>,
-    _budget: Option<OwnedSemaphorePermit>,
+    outgoing: mpsc::Sender<Outgoing>,
+    budget: Option<OwnedSemaphorePermit>,
 }
 
 impl ReplySink {
     /// A sink for request `id` on the link behind `outgoing`.
     pub fn new(
         id: RequestId,
-        outgoing: mpsc::Sender<Message>,
+        outgoing: mpsc::Sender<Outgoing>,
         budget: Option<OwnedSemaphorePermit>,
     ) -> Self {
         ReplySink {
             id,
             outgoing,
-            _budget: budget,
+            budget,
         }
     }
 
-    fn message(&self, result: Result<Completion, UsbError>) -> Message {
-        Message::Reply {
+    fn into_outgoing(
+        self,
+        result: Result<Completion, UsbError>,
+    ) -> (mpsc::Sender<Outgoing>, Outgoing) {
+        let message = Message::Reply {
             id: self.id,
             body: result.map(p2p_usb_common::proto::Reply::Transferred),
-        }
+        };
+        (
+            self.outgoing,
+            Outgoing {
+                message,
+                _budget: self.budget,
+            },
+        )
     }
 
     /// Queues the reply, waiting if the link is slow; a closed link is fine
     /// (nobody is left to tell).
     pub async fn send(self, result: Result<Completion, UsbError>) {
-        let message = self.message(result);
-        let _ = self.outgoing.send(message).await;
+        let (outgoing, reply) = self.into_outgoing(result);
+        let _ = outgoing.send(reply).await;
     }
 
     /// Queues the reply if the link has room now; otherwise hands both back.
@@ -164,7 +198,8 @@ impl ReplySink {
     ) -> Result<(), (Self, Result<Completion, UsbError>)> {
         match self.outgoing.clone().try_reserve_owned() {
             Ok(slot) => {
-                slot.send(self.message(result));
+                let (_, reply) = self.into_outgoing(result);
+                slot.send(reply);
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
