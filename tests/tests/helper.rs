@@ -383,6 +383,73 @@ fn a_peer_that_stops_reading_cannot_grow_the_helpers_memory() {
     }
 }
 
+#[test]
+fn cancels_are_read_while_submits_wait_for_budget() {
+    let helper = start_activated_helper("", None);
+    let mut peer = greeted_by_hand(&helper.socket);
+    let send = |peer: &mut std::os::unix::net::UnixStream, id: u64, body: Request| {
+        let frame = raw_frame(&rmp_serde::to_vec(&Message::Request { id, body }).unwrap());
+        peer.write_all(&frame).unwrap();
+    };
+    let answer = |peer: &mut std::os::unix::net::UnixStream| match read_message(peer) {
+        Some(Message::Reply { id, body }) => (id, body),
+        other => panic!("expected a reply, got {other:?}"),
+    };
+    send(&mut peer, 1, Request::ListDevices);
+    let key = match answer(&mut peer) {
+        (1, Ok(Reply::Devices(devices))) => {
+            devices
+                .into_iter()
+                .find(|d| (d.key.vid, d.key.pid) == ZERO)
+                .unwrap()
+                .key
+        }
+        other => panic!("{other:?}"),
+    };
+    send(&mut peer, 2, Request::Open { key });
+    let (2, Ok(Reply::Opened { handle, .. })) = answer(&mut peer) else {
+        panic!("open failed")
+    };
+    send(
+        &mut peer,
+        3,
+        Request::SetConfiguration {
+            handle,
+            value: zero::CONFIG_LOOPBACK,
+        },
+    );
+    assert_eq!(answer(&mut peer), (3, Ok(Reply::Done)));
+    // Reads of an empty loopback wait for data that never comes: sixteen of
+    // 4 MiB take the whole budget, the seventeenth waits for budget.
+    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
+    let budget_reads = (p2p_usb_helper::server::IN_FLIGHT_BUDGET / max as usize) as u64;
+    for id in 100..=100 + budget_reads {
+        send(
+            &mut peer,
+            id,
+            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
+        );
+    }
+    let waiting = 100 + budget_reads;
+    let cancel = |peer: &mut std::os::unix::net::UnixStream, request: u64| {
+        send(peer, 1000 + request, Request::Cancel { request });
+        let mut replies = vec![answer(peer), answer(peer)];
+        replies.sort_by_key(|(id, _)| *id);
+        assert_eq!(
+            replies,
+            vec![
+                (request, Err(UsbError::Cancelled)),
+                (1000 + request, Ok(Reply::Done))
+            ]
+        );
+    };
+    cancel(&mut peer, waiting);
+    cancel(&mut peer, 100);
+    // The connection is still in order.
+    send(&mut peer, 4, Request::ListDevices);
+    assert!(matches!(answer(&mut peer), (4, Ok(Reply::Devices(_)))));
+}
+
 /// A connection to the helper that exchanged hellos by hand, without the
 /// link client, so that a test can go on to send what no client would.
 fn greeted_by_hand(socket: &std::path::Path) -> std::os::unix::net::UnixStream {

@@ -3,7 +3,7 @@
 //! credentials before a byte is read, speaks the common vocabulary, and owns
 //! the devices it opened: when it drops, they are closed and given back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use p2p_usb_common::proto::{
 };
 use p2p_usb_common::service::{self, LivenessRequests};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,10 @@ pub const SOFTWARE: &str = "p2p-usb-helper";
 pub const IN_FLIGHT_BUDGET: usize = 64 * 1024 * 1024;
 /// Messages queued towards one connection.
 const OUTGOING_QUEUE: usize = 1024;
+/// Submits held back for budget, per connection, before the helper stops
+/// reading from it: up to this many, carrying up to [`WAITING_BYTES`].
+const WAITING_SUBMITS: usize = 4096;
+const WAITING_BYTES: usize = 16 * 1024 * 1024;
 /// How long connections get to release their devices on stop.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -203,6 +207,21 @@ struct Connection<'a> {
     /// `DeviceArrived` went.
     announced: HashSet<DeviceKey>,
     budget: Arc<Semaphore>,
+    /// Submits waiting for budget, in arrival order. The connection keeps
+    /// reading meanwhile, so a Cancel (of one of these, or of a transfer
+    /// holding the budget) is still seen: vhci_hcd waits for the answer to
+    /// an unlink, and would wait forever behind a helper that stopped reading.
+    waiting: VecDeque<Waiting>,
+    waiting_bytes: usize,
+    shutdown: CancellationToken,
+}
+
+/// A submit waiting for budget.
+struct Waiting {
+    id: RequestId,
+    transfer: Transfer,
+    device: Arc<Device>,
+    cost: u32,
 }
 
 impl<'a> Connection<'a> {
@@ -239,10 +258,20 @@ impl<'a> Connection<'a> {
                 .map(|d| d.key)
                 .collect(),
             budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)),
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+            shutdown: shutdown.clone(),
         };
+        let budget = conn.budget.clone();
         let reason = loop {
+            let next_cost = conn.waiting.front().map(|w| w.cost);
+            let reading =
+                conn.waiting.len() < WAITING_SUBMITS && conn.waiting_bytes < WAITING_BYTES;
             tokio::select! {
-                frame = reader.next() => match frame {
+                Ok(permit) = budget.clone().acquire_many_owned(next_cost.unwrap_or(1)), if next_cost.is_some() => {
+                    conn.submit_waiting(permit);
+                }
+                frame = reader.next(), if reading => match frame {
                     None => break "closed by peer".to_string(),
                     Some(Err(e)) => break format!("closing: {e}"),
                     Some(Ok(Err(malformed))) => {
@@ -259,9 +288,10 @@ impl<'a> Connection<'a> {
                 event = next_hotplug(&mut hotplug, id) => conn.hotplug(event).await,
                 _ = writer_closed.cancelled() => break "peer stopped reading".to_string(),
                 _ = shutdown.cancelled() => {
-                    let _ = conn.outgoing.send(Message::Event(Event::ShuttingDown {
+                    // A peer that does not read is not waited for.
+                    let _ = conn.outgoing.try_send(Message::Event(Event::ShuttingDown {
                         reason: "helper is stopping".into(),
-                    }).into()).await;
+                    }).into());
                     break "helper stopping".to_string();
                 }
             }
@@ -272,8 +302,12 @@ impl<'a> Connection<'a> {
         reason
     }
 
+    /// Queues a reply, waiting for room unless the helper is stopping.
     async fn reply(&self, id: RequestId, body: Result<Reply, UsbError>) {
-        let _ = self.outgoing.send(Message::Reply { id, body }.into()).await;
+        tokio::select! {
+            _ = self.outgoing.send(Message::Reply { id, body }.into()) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
     }
 
     async fn handle(&mut self, id: RequestId, request: Request) {
@@ -289,6 +323,7 @@ impl<'a> Connection<'a> {
             Request::Close { handle } => {
                 let result = match self.devices.remove(&handle) {
                     Some(device) => {
+                        self.fail_waiting(&device).await;
                         self.release(&device).await;
                         Ok(Reply::Done)
                     }
@@ -298,8 +333,15 @@ impl<'a> Connection<'a> {
             }
             Request::Submit(transfer) => self.submit(id, transfer).await,
             Request::Cancel { request } => {
-                for device in self.devices.values() {
-                    device.cancel(request);
+                if let Some(at) = self.waiting.iter().position(|w| w.id == request) {
+                    if let Some(cancelled) = self.waiting.remove(at) {
+                        self.waiting_bytes -= out_bytes(&cancelled.transfer);
+                    }
+                    self.reply(request, Err(UsbError::Cancelled)).await;
+                } else {
+                    for device in self.devices.values() {
+                        device.cancel(request);
+                    }
                 }
                 self.reply(id, Ok(Reply::Done)).await;
             }
@@ -383,18 +425,59 @@ impl<'a> Connection<'a> {
             });
             return;
         }
-        let Ok(permit) = self
-            .budget
-            .clone()
-            .acquire_many_owned(budget_cost(&transfer.data))
-            .await
-        else {
+        let cost = budget_cost(&transfer.data);
+        if self.waiting.is_empty()
+            && let Ok(permit) = self.budget.clone().try_acquire_many_owned(cost)
+        {
+            device.submit(
+                transfer,
+                ReplySink::new(id, self.outgoing.clone(), Some(permit)),
+            );
             return;
-        };
-        device.submit(
+        }
+        self.waiting_bytes += out_bytes(&transfer);
+        self.waiting.push_back(Waiting {
+            id,
             transfer,
-            ReplySink::new(id, self.outgoing.clone(), Some(permit)),
-        );
+            device,
+            cost,
+        });
+    }
+
+    /// Submits the first waiting transfer with the budget it waited for,
+    /// and those after it that fit now.
+    fn submit_waiting(&mut self, permit: OwnedSemaphorePermit) {
+        let mut permit = Some(permit);
+        while let Some(next) = self.waiting.front() {
+            let permit = match permit.take() {
+                Some(permit) => permit,
+                None => match self.budget.clone().try_acquire_many_owned(next.cost) {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let Some(waiting) = self.waiting.pop_front() else {
+                break;
+            };
+            self.waiting_bytes -= out_bytes(&waiting.transfer);
+            waiting.device.submit(
+                waiting.transfer,
+                ReplySink::new(waiting.id, self.outgoing.clone(), Some(permit)),
+            );
+        }
+    }
+
+    /// Fails the waiting submits of a device that is being released.
+    async fn fail_waiting(&mut self, device: &Arc<Device>) {
+        let (gone, kept): (VecDeque<Waiting>, VecDeque<Waiting>) =
+            std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|w| Arc::ptr_eq(&w.device, device));
+        self.waiting = kept;
+        for waiting in gone {
+            self.waiting_bytes -= out_bytes(&waiting.transfer);
+            self.reply(waiting.id, Err(UsbError::NoDevice)).await;
+        }
     }
 
     async fn hotplug(&mut self, event: BackendEvent) {
@@ -415,6 +498,7 @@ impl<'a> Connection<'a> {
                     .collect();
                 for handle in stale {
                     if let Some(device) = self.devices.remove(&handle) {
+                        self.fail_waiting(&device).await;
                         self.release(&device).await;
                     }
                 }
@@ -468,6 +552,13 @@ fn budget_cost(data: &TransferData) -> u32 {
         _ => 1,
     };
     data.len().max(pinned as u32).min(MAX_TRANSFER_LEN)
+}
+
+fn out_bytes(transfer: &Transfer) -> usize {
+    match &transfer.data {
+        TransferData::Out(bytes) => bytes.len(),
+        TransferData::In { .. } => 0,
+    }
 }
 
 fn unknown_handle(handle: Handle) -> UsbError {
