@@ -141,6 +141,9 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     )?;
     let mut agent = Command::new(&bins.1);
     agent.arg("--config").arg(&server_config).arg("serve");
+    if nix::unistd::geteuid().is_root() {
+        agent.arg("--allow-root");
+    }
     children.0.push((
         "agent",
         step(

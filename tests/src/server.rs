@@ -152,6 +152,9 @@ control_socket = "{control}"
             .arg("serve")
             .env("RUST_LOG", "debug")
             .env("NOTIFY_SOCKET", &self.agent_notify.path);
+        if is_root() {
+            agent.arg("--allow-root");
+        }
         let log = self.dir.path().join(format!("agent-{}.log", unique()));
         self.agent = Some(Process::spawn(agent, log));
         wait_for_path(&self.control, Duration::from_secs(20));

@@ -16,7 +16,38 @@ fn agent(config: &std::path::Path, notify: &NotifySocket, log: std::path::PathBu
         .env("NOTIFY_SOCKET", &notify.path)
         .env("WATCHDOG_USEC", "2000000")
         .env("RUST_LOG", "debug");
+    if nix::unistd::geteuid().is_root() {
+        command.arg("--allow-root");
+    }
     Process::spawn(command, log)
+}
+
+#[test]
+fn serving_as_root_needs_the_development_flag() {
+    // Tests run as root in CI; a normal user cannot check this.
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let helper = start_activated_helper("", None);
+    let output = Command::new(bin("p2p-usb-agent"))
+        .arg("--config")
+        .arg(&helper.config)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(p2p_usb_common::exit::NOPERM),
+        "{output:?}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("refusing to serve as root"), "{stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one readable line: {stderr}"
+    );
 }
 
 #[test]

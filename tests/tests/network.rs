@@ -351,12 +351,12 @@ async fn malformed_approved_clients_entry_is_a_config_error() {
         "[security]\napproved_clients = [\n  \"0000\",\n]\n[agent]\nstate_dir = \"/tmp/x-p2p\"\n",
     )
     .unwrap();
-    let output = std::process::Command::new(p2p_usb_tests::bin("p2p-usb-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .output()
-        .unwrap();
+    let mut agent = std::process::Command::new(p2p_usb_tests::bin("p2p-usb-agent"));
+    agent.arg("--config").arg(&config).arg("serve");
+    if p2p_usb_tests::is_root() {
+        agent.arg("--allow-root");
+    }
+    let output = agent.output().unwrap();
     assert_eq!(output.status.code(), Some(p2p_usb_common::exit::CONFIG));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

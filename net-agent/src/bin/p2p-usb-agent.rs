@@ -29,6 +29,10 @@ struct Args {
     /// user's own agent]
     #[arg(long, global = true)]
     control_socket: Option<PathBuf>,
+    /// Development only: let `serve` run as root (the agent faces the network;
+    /// it runs as the p2p-usb service user or as a normal user)
+    #[arg(long, global = true)]
+    allow_root: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -88,6 +92,15 @@ fn main() {
         tracing::warn!("{note}");
     }
     let serving = matches!(command, Command::Serve);
+    if serving && nix::unistd::geteuid().is_root() && !args.allow_root {
+        exit::fail(
+            PROGRAM,
+            "refusing to serve as root: the agent faces the network; run it as the p2p-usb \
+             service user (p2p-usb-agent.service) or as a normal user, or pass --allow-root \
+             for development",
+            exit::NOPERM,
+        );
+    }
     let scope = Scope::detect();
     let paths = AgentPaths::resolve(
         &file.value,
