@@ -11,7 +11,7 @@ use p2p_usb_agent::usbip::proto::{
     UrbHeader,
 };
 use p2p_usb_common::gadget::{keyboard, zero};
-use p2p_usb_common::proto::std_request;
+use p2p_usb_common::proto::{UsbError, std_request};
 use p2p_usb_tests::gateway::{GatewayUnderTest, import_raw, set_configuration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -397,6 +397,35 @@ async fn bad_headers_close_only_their_connection() {
         .await
         .unwrap();
     assert!(matches!(closed, Ok(0) | Err(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_urb_is_refused_alone() {
+    let setup = GatewayUnderTest::start().await;
+    let busid = setup.busid(zero::VID, zero::PID).await;
+    let device = usbip::import(setup.gateway, &busid).await.unwrap();
+    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN as usize;
+    let refused = UsbError::Invalid(String::new()).urb_status();
+    let out = device
+        .transfer(
+            zero::EP_OUT,
+            UrbData::Out(Bytes::from(vec![1u8; max + 1])),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!((out.status, out.actual_length), (refused, 0));
+    let input = device
+        .transfer(zero::EP_IN, UrbData::In(max as u32 + 1), 0)
+        .await
+        .unwrap();
+    assert_eq!((input.status, input.actual_length), (refused, 0));
+    // The stream stayed in step and the device stays attached.
+    let after = device
+        .transfer(zero::EP_IN, UrbData::In(64), 0)
+        .await
+        .unwrap();
+    assert_eq!((after.status, after.actual_length), (0, 64));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

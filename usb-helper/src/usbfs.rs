@@ -457,6 +457,12 @@ pub struct UsbfsDevice {
     control: mpsc::UnboundedSender<ControlCommand>,
     control_running: ControlSlot,
     control_cancelled: Arc<Mutex<HashSet<RequestId>>>,
+    /// The configuration the device had when opened, restored on close so
+    /// the kernel drivers find the interfaces they had.
+    opened_configuration: u8,
+    /// Set by [`UsbfsDevice::close`]: an operation still running (a reset,
+    /// a configuration change) must not claim the interfaces again.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl UsbfsDevice {
@@ -470,8 +476,11 @@ impl UsbfsDevice {
             control_running.clone(),
             control_cancelled.clone(),
         ));
+        let opened_configuration = info.active_configuration;
         let this = UsbfsDevice {
             device,
+            opened_configuration,
+            closed: std::sync::atomic::AtomicBool::new(false),
             info: Mutex::new(info),
             interfaces: Mutex::default(),
             alts: Mutex::default(),
@@ -480,7 +489,11 @@ impl UsbfsDevice {
             control_running,
             control_cancelled,
         };
-        this.fresh_start().await?;
+        if let Err(e) = this.fresh_start().await {
+            // Whatever was detached or claimed before the failure goes back.
+            this.close().await;
+            return Err(e);
+        }
         Ok(this)
     }
 
@@ -530,7 +543,11 @@ impl UsbfsDevice {
     /// active configuration. Plain claims: dropping them never re-attaches a
     /// driver behind our back; [`UsbfsDevice::close`] does that explicitly.
     async fn claim_all(&self) -> Result<(), UsbError> {
+        let closed = || self.closed.load(std::sync::atomic::Ordering::SeqCst);
         for number in self.interface_numbers() {
+            if closed() {
+                return Err(UsbError::NoDevice);
+            }
             if let Err(e) = self.device.detach_kernel_driver(number)
                 && e.os_error() != Some(libc::ENODATA as u32)
             {
@@ -541,6 +558,10 @@ impl UsbfsDevice {
                 .claim_interface(number)
                 .await
                 .map_err(map_error)?;
+            if closed() {
+                // Closed while claiming: the claim goes with `interface`.
+                return Err(UsbError::NoDevice);
+            }
             self.interfaces
                 .lock()
                 .expect("interfaces lock")
@@ -753,8 +774,28 @@ impl UsbfsDevice {
     /// Ends all transfers, releases every interface and re-attaches the
     /// kernel drivers, so the device works locally again.
     pub async fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.stop_endpoints(None).await;
         self.release_all();
+        if self.info().active_configuration != self.opened_configuration {
+            // A client may have unconfigured the device or picked another
+            // configuration; the kernel drivers expect the one it had.
+            match self
+                .device
+                .set_configuration(self.opened_configuration)
+                .await
+            {
+                Ok(()) => {
+                    self.info.lock().expect("info lock").active_configuration =
+                        self.opened_configuration;
+                }
+                Err(e) => tracing::warn!(
+                    device = %self.info().key,
+                    "cannot restore configuration {}: {e}",
+                    self.opened_configuration
+                ),
+            }
+        }
         let info = self.info();
         for number in self.interface_numbers() {
             self.reattach_driver(number, &interface_name(&info, number))

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::proto::{
     CmdSubmit, CmdUnlink, ISO_DESCRIPTOR_LEN, IsoPacketDescriptor, MAX_ISO_PACKETS, ProtocolError,
     RetSubmit, RetUnlink, URB_HEADER_LEN, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN,
-    UrbHeader, data_len_out, endpoint_address, iso_descriptors_len,
+    USBIP_DIR_OUT, UrbHeader, data_len_out, endpoint_address, iso_descriptors_len,
 };
 use super::read_payload;
 
@@ -194,11 +194,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         match parsed {
             UrbHeader::Submit(cmd) => {
-                let out = match read_submit_payload(&mut reader, &cmd).await {
-                    Ok(out) => out,
+                let transfer = match read_submit_payload(&mut reader, &cmd).await {
+                    Ok(Ok(out)) => transfer_for(handle, &cmd, out),
+                    Ok(Err(refusal)) => Err(refusal),
                     Err(e) => return e,
                 };
-                match transfer_for(handle, &cmd, out) {
+                match transfer {
                     Ok(transfer) => batch.push((cmd, transfer)),
                     Err(refusal) => {
                         let _ = to_writer.send(refusal);
@@ -240,16 +241,28 @@ fn whole_urb_buffered(buffered: &[u8]) -> bool {
 }
 
 /// OUT data and iso descriptors following a CMD_SUBMIT; reading them in full
-/// keeps the stream in sync even for URBs that are then refused.
+/// keeps the stream in sync even for URBs that are then refused. A URB over
+/// the transfer size limit is refused alone (its data read and dropped), so
+/// one oversized transfer does not cost the client its device.
 async fn read_submit_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     cmd: &CmdSubmit,
-) -> Result<(Bytes, Vec<IsoPacketDescriptor>), EndReason> {
+) -> Result<Result<(Bytes, Vec<IsoPacketDescriptor>), Outgoing>, EndReason> {
     let protocol = |e: ProtocolError| EndReason::Protocol(e.to_string());
-    let out_len = data_len_out(cmd, MAX_TRANSFER_LEN as usize).map_err(protocol)?;
-    let data = read_payload(reader, out_len)
-        .await
-        .map_err(|_| EndReason::ClientClosed)?;
+    let closed = |_| EndReason::ClientClosed;
+    let (data, oversized) = match data_len_out(cmd, MAX_TRANSFER_LEN as usize) {
+        Ok(out_len) => (read_payload(reader, out_len).await.map_err(closed)?, false),
+        Err(ProtocolError::LengthOverLimit { len, .. }) => {
+            if cmd.direction == USBIP_DIR_OUT {
+                let mut dropped = (&mut *reader).take(len as u64);
+                tokio::io::copy(&mut dropped, &mut tokio::io::sink())
+                    .await
+                    .map_err(closed)?;
+            }
+            (Bytes::new(), true)
+        }
+        Err(e) => return Err(protocol(e)),
+    };
     let iso_len = iso_descriptors_len(cmd.number_of_packets);
     if iso_len > MAX_ISO_PACKETS * ISO_DESCRIPTOR_LEN {
         return Err(EndReason::Protocol(format!(
@@ -267,7 +280,16 @@ async fn read_submit_payload<R: AsyncRead + Unpin>(
         .map(IsoPacketDescriptor::decode)
         .collect::<Result<Vec<_>, _>>()
         .map_err(protocol)?;
-    Ok((data, iso))
+    if oversized {
+        return Ok(Err(failure(
+            cmd,
+            &UsbError::Invalid(format!(
+                "a transfer of {} bytes is over the limit of {MAX_TRANSFER_LEN}",
+                cmd.transfer_buffer_length
+            )),
+        )));
+    }
+    Ok(Ok((data, iso)))
 }
 
 /// The transfer a CMD_SUBMIT asks for, or the reply that refuses it.
@@ -490,7 +512,7 @@ fn iso_refusal(cmd: &CmdSubmit, iso: Vec<IsoPacketDescriptor>) -> Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usbip::proto::{USBIP_DIR_OUT, UrbHeader};
+    use crate::usbip::proto::UrbHeader;
 
     fn submit_header(direction: u32, length: i32) -> [u8; URB_HEADER_LEN] {
         UrbHeader::Submit(CmdSubmit {
