@@ -42,8 +42,12 @@ pub enum AttachError {
     Vhci(#[from] VhciError),
     #[error("cannot create the socket pair for the kernel: {0}")]
     Socket(std::io::Error),
-    #[error("{key} left the server and did not come back within {RETURN_WAIT:?}")]
-    Gone { key: DeviceKey },
+    #[error("{key} left the server and did not come back within {RETURN_WAIT:?}{last}")]
+    Gone {
+        key: DeviceKey,
+        /// Why the server could not be asked, the last time it could not.
+        last: String,
+    },
 }
 
 /// Where attach records live, so `status` can say what is attached where.
@@ -169,9 +173,14 @@ pub async fn run(
                     return Ok(());
                 }
             }
-            EndReason::LinkLost(reason) | EndReason::Protocol(reason) => {
+            EndReason::LinkLost(reason) => {
                 println!(
                     "lost the server ({reason}); detached {key}, re-attaching when it is back"
+                );
+            }
+            EndReason::Protocol(reason) => {
+                println!(
+                    "the kernel's USB/IP stream could not be read ({reason}); detached {key}, attaching it again"
                 );
             }
         }
@@ -223,12 +232,21 @@ async fn wait_for_return(
     stop: &CancellationToken,
 ) -> Result<bool, AttachError> {
     let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+    let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
-        if let Ok((session, _events)) = remote.session().await {
-            let listed = client::list_devices(&session).await.unwrap_or_default();
-            session.close();
-            if listed.iter().any(|d| d.key == *key) {
-                return Ok(true);
+        match remote.session().await {
+            Ok((session, _events)) => {
+                let listed = client::list_devices(&session).await;
+                session.close();
+                match listed {
+                    Ok(listed) if listed.iter().any(|d| d.key == *key) => return Ok(true),
+                    Ok(_) => last.clear(),
+                    Err(e) => last = format!(" (last: {e})"),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(device = %key, "waiting for the device: {e}");
+                last = format!(" (last: {e})");
             }
         }
         tokio::select! {
@@ -236,7 +254,10 @@ async fn wait_for_return(
             _ = stop.cancelled() => return Ok(false),
         }
     }
-    Err(AttachError::Gone { key: key.clone() })
+    Err(AttachError::Gone {
+        key: key.clone(),
+        last,
+    })
 }
 
 /// Creates `dir` below `base` owner-only (0700). Without XDG_RUNTIME_DIR the

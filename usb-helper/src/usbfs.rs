@@ -445,7 +445,17 @@ enum ControlCommand {
 }
 
 /// The transfer being run on endpoint 0, so a cancel can reach it.
-type ControlSlot = Arc<Mutex<Option<(RequestId, oneshot::Sender<()>)>>>;
+type ControlSlot = Arc<Mutex<ControlState>>;
+
+/// Endpoint 0's queue as a cancel sees it, under one lock: a cancel either
+/// finds its transfer running, or queued (and it is then skipped), never in
+/// between.
+#[derive(Default)]
+struct ControlState {
+    running: Option<(RequestId, oneshot::Sender<()>)>,
+    queued: HashSet<RequestId>,
+    cancelled: HashSet<RequestId>,
+}
 
 /// An open real device.
 pub struct UsbfsDevice {
@@ -455,8 +465,7 @@ pub struct UsbfsDevice {
     alts: Mutex<HashMap<u8, u8>>,
     endpoints: Mutex<HashMap<u8, mpsc::UnboundedSender<EndpointCommand>>>,
     control: mpsc::UnboundedSender<ControlCommand>,
-    control_running: ControlSlot,
-    control_cancelled: Arc<Mutex<HashSet<RequestId>>>,
+    control_state: ControlSlot,
     /// The configuration the device had when opened, restored on close so
     /// the kernel drivers find the interfaces they had.
     opened_configuration: u8,
@@ -468,13 +477,11 @@ pub struct UsbfsDevice {
 impl UsbfsDevice {
     async fn start(device: nusb::Device, info: DeviceInfo) -> Result<UsbfsDevice, UsbError> {
         let (control, control_rx) = mpsc::unbounded_channel();
-        let control_running: ControlSlot = Arc::default();
-        let control_cancelled: Arc<Mutex<HashSet<RequestId>>> = Arc::default();
+        let control_state: ControlSlot = Arc::default();
         tokio::spawn(control_worker(
             device.clone(),
             control_rx,
-            control_running.clone(),
-            control_cancelled.clone(),
+            control_state.clone(),
         ));
         let opened_configuration = info.active_configuration;
         let this = UsbfsDevice {
@@ -486,8 +493,7 @@ impl UsbfsDevice {
             alts: Mutex::default(),
             endpoints: Mutex::default(),
             control,
-            control_running,
-            control_cancelled,
+            control_state,
         };
         if let Err(e) = this.fresh_start().await {
             // Whatever was detached or claimed before the failure goes back.
@@ -614,6 +620,11 @@ impl UsbfsDevice {
             }
         };
         if resolved.address == 0 {
+            self.control_state
+                .lock()
+                .expect("control state lock")
+                .queued
+                .insert(reply.id);
             let _ = self.control.send(ControlCommand::Submit(transfer, reply));
             return;
         }
@@ -648,18 +659,19 @@ impl UsbfsDevice {
 
     /// Cancels the transfer of request `id` wherever it is queued.
     pub fn cancel(&self, id: RequestId) {
-        let mut running = self.control_running.lock().expect("control slot lock");
-        if running.as_ref().is_some_and(|(rid, _)| *rid == id) {
-            if let Some((_, stop)) = running.take() {
-                let _ = stop.send(());
+        {
+            let mut control = self.control_state.lock().expect("control state lock");
+            if control.running.as_ref().is_some_and(|(rid, _)| *rid == id) {
+                if let Some((_, stop)) = control.running.take() {
+                    let _ = stop.send(());
+                }
+                return;
             }
-            return;
+            if control.queued.contains(&id) {
+                control.cancelled.insert(id);
+                return;
+            }
         }
-        drop(running);
-        self.control_cancelled
-            .lock()
-            .expect("control cancelled lock")
-            .insert(id);
         for worker in self.endpoints.lock().expect("endpoints lock").values() {
             let _ = worker.send(EndpointCommand::Cancel(id));
         }
@@ -1081,22 +1093,28 @@ fn finish(
 async fn control_worker(
     device: nusb::Device,
     mut commands: mpsc::UnboundedReceiver<ControlCommand>,
-    running: ControlSlot,
-    cancelled: Arc<Mutex<HashSet<RequestId>>>,
+    state: ControlSlot,
 ) {
     while let Some(ControlCommand::Submit(transfer, reply)) = commands.recv().await {
-        if cancelled.lock().expect("cancelled lock").remove(&reply.id) {
+        let (stop, stopped) = oneshot::channel();
+        let cancelled = {
+            let mut state = state.lock().expect("control state lock");
+            state.queued.remove(&reply.id);
+            let cancelled = state.cancelled.remove(&reply.id);
+            if !cancelled {
+                state.running = Some((reply.id, stop));
+            }
+            cancelled
+        };
+        if cancelled {
             reply.send(Err(UsbError::Cancelled)).await;
             continue;
         }
-        let (stop, stopped) = oneshot::channel();
-        *running.lock().expect("control slot lock") = Some((reply.id, stop));
         let result = tokio::select! {
             result = control_transfer(&device, &transfer) => result,
             _ = stopped => Err(UsbError::Cancelled),
         };
-        running.lock().expect("control slot lock").take();
-        cancelled.lock().expect("cancelled lock").remove(&reply.id);
+        state.lock().expect("control state lock").running.take();
         reply.send(result).await;
     }
 }
