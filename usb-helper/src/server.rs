@@ -285,7 +285,10 @@ impl<'a> Connection<'a> {
                         tracing::warn!(connection = id, "ignoring unexpected message {other:?}");
                     }
                 },
-                event = next_hotplug(&mut hotplug, id) => conn.hotplug(event).await,
+                event = next_hotplug(&mut hotplug, id) => match event {
+                    Some(event) => conn.hotplug(event).await,
+                    None => conn.catch_up().await,
+                },
                 _ = writer_closed.cancelled() => break "peer stopped reading".to_string(),
                 _ = shutdown.cancelled() => {
                     // A peer that does not read is not waited for.
@@ -511,6 +514,26 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// After missed hotplug events: devices announced but gone leave (and
+    /// are released if held), devices there but not announced arrive.
+    async fn catch_up(&mut self) {
+        let present = self.helper.visible_devices();
+        let gone: Vec<DeviceKey> = self
+            .announced
+            .iter()
+            .filter(|key| !present.iter().any(|d| d.key == **key))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.hotplug(BackendEvent::Left(key)).await;
+        }
+        for device in present {
+            if !self.announced.contains(&device.key) {
+                self.hotplug(BackendEvent::Arrived(device)).await;
+            }
+        }
+    }
+
     async fn release(&self, device: &Device) {
         let key = device.info().key;
         device.close().await;
@@ -525,25 +548,25 @@ impl<'a> Connection<'a> {
     }
 }
 
-/// The next hotplug event; a lagging receiver skips what it missed (the
-/// agent re-lists on its own schedule) instead of blocking the backend.
+/// The next hotplug event, or `None` when this connection fell behind and
+/// missed some: it then compares what it announced with the devices there
+/// are now, instead of the backend waiting for it.
 async fn next_hotplug(
     events: &mut broadcast::Receiver<BackendEvent>,
     connection: u64,
-) -> BackendEvent {
-    loop {
-        match events.recv().await {
-            Ok(event) => return event,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(connection, "missed {n} hotplug events");
-            }
-            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+) -> Option<BackendEvent> {
+    match events.recv().await {
+        Ok(event) => Some(event),
+        Err(broadcast::error::RecvError::Lagged(n)) => {
+            tracing::warn!(connection, "missed {n} hotplug events; catching up");
+            None
         }
+        Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
     }
 }
 
 /// The share of [`IN_FLIGHT_BUDGET`] a transfer holds until its reply is
-/// queued: the bytes it carries or asks for, and for an OUT payload sliced
+/// written: the bytes it carries or asks for, and for an OUT payload sliced
 /// out of a read buffer at least a quarter of that buffer, which the slice
 /// keeps alive (so pending transfers cannot hold more than 4 × the budget).
 fn budget_cost(data: &TransferData) -> u32 {

@@ -787,6 +787,16 @@ impl UsbfsDevice {
     /// kernel drivers, so the device works locally again.
     pub async fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        {
+            // Endpoint 0 too: nothing queued runs on a device given back,
+            // and the one running ends now.
+            let mut control = self.control_state.lock().expect("control state lock");
+            let queued: Vec<RequestId> = control.queued.iter().copied().collect();
+            control.cancelled.extend(queued);
+            if let Some((_, stop)) = control.running.take() {
+                let _ = stop.send(());
+            }
+        }
         self.stop_endpoints(None).await;
         self.release_all();
         if self.info().active_configuration != self.opened_configuration {
