@@ -58,10 +58,16 @@ impl Remote {
         ),
         ClientError,
     > {
-        let mut connection = self.connection.lock().await;
-        if let Some(existing) = connection.as_ref()
-            && existing.close_reason().is_none()
-        {
+        // The lock guards the connection handle, and makes one caller at a
+        // time reconnect; a session hello runs without it, so one slow
+        // server answer does not hold up every other USB/IP request.
+        let existing = self
+            .connection
+            .lock()
+            .await
+            .clone()
+            .filter(|c| c.close_reason().is_none());
+        if let Some(existing) = &existing {
             match self.client.session(existing).await {
                 Ok(session) => return Ok(session),
                 Err(ClientError::NotApproved { .. }) => {}
@@ -70,10 +76,24 @@ impl Remote {
                 }
             }
         }
-        let fresh = self.client.connect(&self.server).await?;
-        let session = self.client.session(&fresh).await;
-        *connection = Some(fresh);
-        session
+        let mut connection = self.connection.lock().await;
+        let replaced = connection.as_ref().is_some_and(|current| {
+            current.close_reason().is_none()
+                && existing
+                    .as_ref()
+                    .is_none_or(|e| e.stable_id() != current.stable_id())
+        });
+        let current = match connection.as_ref() {
+            // Another caller reconnected meanwhile: use its connection.
+            Some(current) if replaced => current.clone(),
+            _ => {
+                let fresh = self.client.connect(&self.server).await?;
+                *connection = Some(fresh.clone());
+                fresh
+            }
+        };
+        drop(connection);
+        self.client.session(&current).await
     }
 
     /// Opens the device at bus path `busid` on a new session, ready for
