@@ -12,7 +12,7 @@ use iroh::{Endpoint, EndpointId, Watcher};
 use p2p_usb_common::access::AccessList;
 use p2p_usb_common::config::{ConfigError, ConfigFile, ServerConfig};
 use p2p_usb_common::exit;
-use p2p_usb_common::proto::DeviceKey;
+use p2p_usb_common::proto::{DeviceInfo, DeviceKey};
 use p2p_usb_common::service::{self, ListenError, Watchdog};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -100,6 +100,17 @@ impl Agent {
                 .entry(client)
                 .or_default(),
         );
+    }
+
+    /// The helper's devices that are shared now.
+    pub(crate) fn shared_devices(&self) -> Vec<DeviceInfo> {
+        self.helper
+            .borrow()
+            .devices()
+            .iter()
+            .filter(|d| self.policy.is_shared(&d.key))
+            .cloned()
+            .collect()
     }
 
     fn status_line(&self) -> String {

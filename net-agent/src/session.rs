@@ -91,6 +91,9 @@ struct SessionState {
     judged: HashMap<RequestId, Judged>,
     /// Open devices of this session.
     opened: HashMap<Handle, DeviceKey>,
+    /// Shared devices the client has been told of (present at the start,
+    /// or announced since), so share changes are announced once.
+    announced: HashSet<DeviceKey>,
     /// Requests the agent sent itself; their replies are not forwarded.
     internal: HashSet<RequestId>,
     next_internal: RequestId,
@@ -140,6 +143,7 @@ pub(crate) async fn run(
 
     let state = Arc::new(Mutex::new(SessionState {
         next_internal: INTERNAL_IDS,
+        announced: agent.shared_devices().into_iter().map(|d| d.key).collect(),
         ..SessionState::default()
     }));
     let (notices, notices_rx) = mpsc::channel::<Message>(64);
@@ -166,7 +170,10 @@ pub(crate) async fn run(
         tokio::select! {
             _ = &mut upstream => break,
             _ = &mut downstream => break,
-            _ = policy.changed() => withdraw_unshared(&agent, &state, &internal, &notices).await,
+            _ = policy.changed() => {
+                withdraw_unshared(&agent, &state, &internal, &notices).await;
+                announce_share_changes(&agent, &state, &notices).await;
+            }
             _ = stop.cancelled() => {
                 // Nothing more from the client reaches the helper (a revoked
                 // client is cut off now); replies still flow for a moment.
@@ -560,16 +567,24 @@ fn filter_event(
     state: &Mutex<SessionState>,
 ) -> Option<(Bytes, bool)> {
     match decode_frame::<Message>(frame.clone()).ok()? {
-        Message::Event(Event::DeviceArrived(device)) => agent
-            .policy
-            .is_shared(&device.key)
-            .then(|| (frame.clone(), false)),
+        Message::Event(Event::DeviceArrived(device)) => {
+            if !agent.policy.is_shared(&device.key) {
+                return None;
+            }
+            state
+                .lock()
+                .expect("session lock")
+                .announced
+                .insert(device.key);
+            Some((frame.clone(), false))
+        }
         Message::Event(Event::DeviceLeft { key }) => {
             // Unshared devices do not exist for clients, not even leaving,
             // unless this session had opened one.
             let mut state = state.lock().expect("session lock");
             let held = state.opened.values().any(|k| *k == key);
             state.opened.retain(|_, k| *k != key);
+            state.announced.remove(&key);
             (held || agent.policy.is_shared(&key)).then(|| (frame.clone(), false))
         }
         Message::Event(Event::ShuttingDown { reason }) => {
@@ -609,6 +624,7 @@ async fn withdraw_unshared(
     };
     for (id, handle, key) in withdrawn {
         tracing::info!(device = %key, "device unshared: withdrawing it from a client");
+        state.lock().expect("session lock").announced.remove(&key);
         let _ = internal
             .send(Message::Request {
                 id,
@@ -618,5 +634,39 @@ async fn withdraw_unshared(
         let _ = notices
             .send(Message::Event(Event::DeviceLeft { key }))
             .await;
+    }
+}
+
+/// After a share change: devices now shared are announced as arrived, and
+/// devices no longer shared (and not open here: those are withdrawn) as
+/// gone, so a client's view follows `share` and `unshare` without re-listing.
+async fn announce_share_changes(
+    agent: &Agent,
+    state: &Mutex<SessionState>,
+    notices: &mpsc::Sender<Message>,
+) {
+    let shared = agent.shared_devices();
+    let events: Vec<Event> = {
+        let mut state = state.lock().expect("session lock");
+        let gone: Vec<DeviceKey> = state
+            .announced
+            .iter()
+            .filter(|key| !shared.iter().any(|d| d.key == **key))
+            .cloned()
+            .collect();
+        let mut events = Vec::new();
+        for key in gone {
+            state.announced.remove(&key);
+            events.push(Event::DeviceLeft { key });
+        }
+        for device in shared {
+            if state.announced.insert(device.key.clone()) {
+                events.push(Event::DeviceArrived(device));
+            }
+        }
+        events
+    };
+    for event in events {
+        let _ = notices.send(Message::Event(event)).await;
     }
 }

@@ -173,6 +173,10 @@ async fn only_shared_devices_are_visible_and_unsharing_withdraws_them() {
         .control(ControlRequest::Share(hidden.to_string()))
         .await;
     assert!(matches!(shared, ControlReply::Done(_)), "{shared:?}");
+    match usb::next_event(&mut events, Duration::from_secs(5)).await {
+        Event::DeviceArrived(device) => assert_eq!(device.key, hidden, "share is announced"),
+        other => panic!("{other:?}"),
+    }
     let devices = client::list_devices(&session).await.unwrap();
     assert_eq!(devices.len(), 1);
     let handle = usb::open(&session, &hidden).await.unwrap();
@@ -195,6 +199,12 @@ async fn only_shared_devices_are_visible_and_unsharing_withdraws_them() {
         usb::run(&session, transfer(handle, zero::EP_IN, input(64)))
             .await
             .is_err()
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), events.recv())
+            .await
+            .is_err(),
+        "the device left once"
     );
     assert!(client::list_devices(&session).await.unwrap().is_empty());
     // Shares survive an agent restart.
