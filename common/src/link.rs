@@ -335,15 +335,21 @@ pub async fn write_loop<W: AsyncWrite + Unpin, T: serde::Serialize>(
             },
             _ = closed.cancelled() => break,
         };
-        if let Err(e) = write_burst(&mut writer, first, &mut outgoing, &mut burst).await {
+        // A peer that stopped reading holds the flush; closing ends it.
+        let written = tokio::select! {
+            written = write_burst(&mut writer, first, &mut outgoing, &mut burst) => written,
+            _ = closed.cancelled() => break,
+        };
+        if let Err(e) = written {
             tracing::debug!("link write failed: {e}");
             break;
         }
         burst.clear();
     }
     closed.cancel();
-    // Say goodbye properly where the transport allows it (ends the stream).
-    let _ = writer.shutdown().await;
+    // Say goodbye properly where the transport allows it (ends the stream),
+    // but not at the mercy of a peer that does not read.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
 }
 
 async fn write_burst<W: AsyncWrite + Unpin, T: serde::Serialize>(

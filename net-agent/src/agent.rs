@@ -102,15 +102,20 @@ impl Agent {
         );
     }
 
-    /// The helper's devices that are shared now.
-    pub(crate) fn shared_devices(&self) -> Vec<DeviceInfo> {
-        self.helper
-            .borrow()
-            .devices()
-            .iter()
-            .filter(|d| self.policy.is_shared(&d.key))
-            .cloned()
-            .collect()
+    /// The helper's devices that are shared now; `None` while the agent's
+    /// own link to the helper is down and it does not know.
+    pub(crate) fn shared_devices(&self) -> Option<Vec<DeviceInfo>> {
+        let helper = self.helper.borrow();
+        match &*helper {
+            HelperState::Connected { devices, .. } => Some(
+                devices
+                    .iter()
+                    .filter(|d| self.policy.is_shared(&d.key))
+                    .cloned()
+                    .collect(),
+            ),
+            HelperState::Waiting { .. } => None,
+        }
     }
 
     fn status_line(&self) -> String {

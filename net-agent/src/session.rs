@@ -143,7 +143,12 @@ pub(crate) async fn run(
 
     let state = Arc::new(Mutex::new(SessionState {
         next_internal: INTERNAL_IDS,
-        announced: agent.shared_devices().into_iter().map(|d| d.key).collect(),
+        announced: agent
+            .shared_devices()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.key)
+            .collect(),
         ..SessionState::default()
     }));
     let (notices, notices_rx) = mpsc::channel::<Message>(64);
@@ -457,10 +462,11 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
                 };
                 let Some(judged) = judged else { continue };
                 let (frame, withdraw) = filter_reply(&agent, client, &frame, judged, &state);
-                if let Some(close) = withdraw
-                    && internal.send(close).await.is_err()
-                {
-                    return;
+                if let Some(close) = withdraw {
+                    // Not awaited here: the request direction may itself be
+                    // waiting on this one.
+                    let internal = internal.clone();
+                    tokio::spawn(async move { internal.send(close).await });
                 }
                 match frame {
                     Some(frame) => (frame, false),
@@ -571,12 +577,13 @@ fn filter_event(
             if !agent.policy.is_shared(&device.key) {
                 return None;
             }
-            state
+            // Once: a share announced it already if the two crossed.
+            let fresh = state
                 .lock()
                 .expect("session lock")
                 .announced
                 .insert(device.key);
-            Some((frame.clone(), false))
+            fresh.then(|| (frame.clone(), false))
         }
         Message::Event(Event::DeviceLeft { key }) => {
             // Unshared devices do not exist for clients, not even leaving,
@@ -645,13 +652,19 @@ async fn announce_share_changes(
     state: &Mutex<SessionState>,
     notices: &mpsc::Sender<Message>,
 ) {
-    let shared = agent.shared_devices();
+    // Without the agent's own view of the helper's devices, nothing is
+    // known to have changed; the session's helper events still flow.
+    let Some(shared) = agent.shared_devices() else {
+        return;
+    };
     let events: Vec<Event> = {
         let mut state = state.lock().expect("session lock");
         let gone: Vec<DeviceKey> = state
             .announced
             .iter()
-            .filter(|key| !shared.iter().any(|d| d.key == **key))
+            .filter(|key| {
+                !shared.iter().any(|d| d.key == **key) && !state.opened.values().any(|k| k == *key)
+            })
             .cloned()
             .collect();
         let mut events = Vec::new();

@@ -432,17 +432,35 @@ fn cancels_are_read_while_submits_wait_for_budget() {
     }
     let waiting = 100 + budget_reads;
     let cancel = |peer: &mut std::os::unix::net::UnixStream, request: u64| {
-        send(peer, 1000 + request, Request::Cancel { request });
+        send(peer, 1_000_000 + request, Request::Cancel { request });
         let mut replies = vec![answer(peer), answer(peer)];
         replies.sort_by_key(|(id, _)| *id);
         assert_eq!(
             replies,
             vec![
                 (request, Err(UsbError::Cancelled)),
-                (1000 + request, Ok(Reply::Done))
+                (1_000_000 + request, Ok(Reply::Done))
             ]
         );
     };
+    // Beyond the waiting queue's limit a submit is refused, and the
+    // connection stays readable.
+    let last_waiting = waiting + p2p_usb_helper::server::WAITING_SUBMITS as u64 - 1;
+    let mut burst = Vec::new();
+    for id in waiting + 1..=last_waiting + 1 {
+        burst.extend(raw_frame(
+            &rmp_serde::to_vec(&Message::Request {
+                id,
+                body: Request::Submit(transfer(handle, zero::EP_IN, input(max))),
+            })
+            .unwrap(),
+        ));
+    }
+    peer.write_all(&burst).unwrap();
+    match answer(&mut peer) {
+        (id, Err(UsbError::Busy(_))) => assert_eq!(id, last_waiting + 1),
+        other => panic!("{other:?}"),
+    }
     cancel(&mut peer, waiting);
     cancel(&mut peer, 100);
     // The connection is still in order.

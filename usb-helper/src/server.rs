@@ -36,10 +36,10 @@ pub const SOFTWARE: &str = "p2p-usb-helper";
 pub const IN_FLIGHT_BUDGET: usize = 64 * 1024 * 1024;
 /// Messages queued towards one connection.
 const OUTGOING_QUEUE: usize = 1024;
-/// Submits held back for budget, per connection, before the helper stops
-/// reading from it: up to this many, carrying up to [`WAITING_BYTES`].
-const WAITING_SUBMITS: usize = 4096;
-const WAITING_BYTES: usize = 16 * 1024 * 1024;
+/// Submits held back for budget, per connection: up to this many, carrying
+/// up to [`WAITING_BYTES`]; beyond that new submits are refused (Busy).
+pub const WAITING_SUBMITS: usize = 4096;
+pub const WAITING_BYTES: usize = 16 * 1024 * 1024;
 /// How long connections get to release their devices on stop.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -207,10 +207,11 @@ struct Connection<'a> {
     /// `DeviceArrived` went.
     announced: HashSet<DeviceKey>,
     budget: Arc<Semaphore>,
-    /// Submits waiting for budget, in arrival order. The connection keeps
-    /// reading meanwhile, so a Cancel (of one of these, or of a transfer
-    /// holding the budget) is still seen: vhci_hcd waits for the answer to
-    /// an unlink, and would wait forever behind a helper that stopped reading.
+    /// Submits waiting for budget, in arrival order (standard requests too,
+    /// so they keep their place). The connection keeps reading meanwhile, so
+    /// a Cancel (of one of these, or of a transfer holding the budget) is
+    /// still seen: vhci_hcd waits for the answer to an unlink, and would
+    /// wait forever behind a helper that stopped reading.
     waiting: VecDeque<Waiting>,
     waiting_bytes: usize,
     shutdown: CancellationToken,
@@ -265,13 +266,11 @@ impl<'a> Connection<'a> {
         let budget = conn.budget.clone();
         let reason = loop {
             let next_cost = conn.waiting.front().map(|w| w.cost);
-            let reading =
-                conn.waiting.len() < WAITING_SUBMITS && conn.waiting_bytes < WAITING_BYTES;
             tokio::select! {
                 Ok(permit) = budget.clone().acquire_many_owned(next_cost.unwrap_or(1)), if next_cost.is_some() => {
                     conn.submit_waiting(permit);
                 }
-                frame = reader.next(), if reading => match frame {
+                frame = reader.next() => match frame {
                     None => break "closed by peer".to_string(),
                     Some(Err(e)) => break format!("closing: {e}"),
                     Some(Ok(Err(malformed))) => {
@@ -291,10 +290,17 @@ impl<'a> Connection<'a> {
                 },
                 _ = writer_closed.cancelled() => break "peer stopped reading".to_string(),
                 _ = shutdown.cancelled() => {
-                    // A peer that does not read is not waited for.
                     let _ = conn.outgoing.try_send(Message::Event(Event::ShuttingDown {
                         reason: "helper is stopping".into(),
                     }).into());
+                    // A peer that does not read is not waited for: its writer
+                    // gives up after a moment, which also frees the device
+                    // workers blocked on its full queue.
+                    let writer_closed = writer_closed.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        writer_closed.cancel();
+                    });
                     break "helper stopping".to_string();
                 }
             }
@@ -408,35 +414,39 @@ impl<'a> Connection<'a> {
         }
     }
 
-    async fn submit(&mut self, id: RequestId, transfer: Transfer) {
+    async fn submit(&mut self, id: RequestId, mut transfer: Transfer) {
         let Some(device) = self.devices.get(&transfer.handle).cloned() else {
             return self.reply(id, Err(unknown_handle(transfer.handle))).await;
         };
-        if let Some(request) = special_request(&transfer) {
-            // The USB core's own requests become the real operations, as in
-            // usbip-host; passing them through raw would desynchronise the
-            // host's view of the device.
-            let outgoing = self.outgoing.clone();
-            tokio::spawn(async move {
-                let body = device_operation(&device, &request).await.map(|()| {
-                    Reply::Transferred(Completion {
-                        actual_length: 0,
-                        data: Bytes::new(),
-                    })
-                });
-                let _ = outgoing.send(Message::Reply { id, body }.into()).await;
-            });
-            return;
-        }
-        let cost = budget_cost(&transfer.data);
+        // The USB core's own requests (SET_CONFIGURATION, …) cost next to
+        // nothing but still keep their place behind submits waiting for budget.
+        let cost = if special_request(&transfer).is_some() {
+            1
+        } else {
+            budget_cost(&transfer.data)
+        };
         if self.waiting.is_empty()
             && let Ok(permit) = self.budget.clone().try_acquire_many_owned(cost)
         {
-            device.submit(
-                transfer,
-                ReplySink::new(id, self.outgoing.clone(), Some(permit)),
-            );
-            return;
+            return self.start(id, transfer, device, permit);
+        }
+        if self.waiting.len() >= WAITING_SUBMITS || self.waiting_bytes >= WAITING_BYTES {
+            // Refused rather than read no further: the connection must stay
+            // readable for the cancels that free the budget.
+            return self
+                .reply(
+                    id,
+                    Err(UsbError::Busy(format!(
+                        "more than {WAITING_SUBMITS} transfers or {} MiB wait for the in-flight budget",
+                        WAITING_BYTES >> 20
+                    ))),
+                )
+                .await;
+        }
+        if let TransferData::Out(bytes) = &mut transfer.data {
+            // A waiting payload is copied out of the read buffer, which it
+            // would otherwise keep alive for as long as it waits.
+            *bytes = Bytes::copy_from_slice(bytes);
         }
         self.waiting_bytes += out_bytes(&transfer);
         self.waiting.push_back(Waiting {
@@ -447,8 +457,40 @@ impl<'a> Connection<'a> {
         });
     }
 
-    /// Submits the first waiting transfer with the budget it waited for,
-    /// and those after it that fit now.
+    /// Starts a transfer that has its budget: a standard request becomes the
+    /// real operation, as in usbip-host (passing it through raw would
+    /// desynchronise the host's view of the device); anything else goes to
+    /// the device.
+    fn start(
+        &self,
+        id: RequestId,
+        transfer: Transfer,
+        device: Arc<Device>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        match special_request(&transfer) {
+            Some(request) => {
+                let outgoing = self.outgoing.clone();
+                tokio::spawn(async move {
+                    let body = device_operation(&device, &request).await.map(|()| {
+                        Reply::Transferred(Completion {
+                            actual_length: 0,
+                            data: Bytes::new(),
+                        })
+                    });
+                    drop(permit);
+                    let _ = outgoing.send(Message::Reply { id, body }.into()).await;
+                });
+            }
+            None => device.submit(
+                transfer,
+                ReplySink::new(id, self.outgoing.clone(), Some(permit)),
+            ),
+        }
+    }
+
+    /// Starts the first waiting transfer with the budget it waited for, and
+    /// those after it that fit now.
     fn submit_waiting(&mut self, permit: OwnedSemaphorePermit) {
         let mut permit = Some(permit);
         while let Some(next) = self.waiting.front() {
@@ -463,10 +505,7 @@ impl<'a> Connection<'a> {
                 break;
             };
             self.waiting_bytes -= out_bytes(&waiting.transfer);
-            waiting.device.submit(
-                waiting.transfer,
-                ReplySink::new(waiting.id, self.outgoing.clone(), Some(permit)),
-            );
+            self.start(waiting.id, waiting.transfer, waiting.device, permit);
         }
     }
 
@@ -486,7 +525,10 @@ impl<'a> Connection<'a> {
     async fn hotplug(&mut self, event: BackendEvent) {
         match event {
             BackendEvent::Arrived(device) if self.helper.visible(&device) => {
-                self.announced.insert(device.key.clone());
+                if !self.announced.insert(device.key.clone()) {
+                    // Already announced (a catch-up ran ahead of this event).
+                    return;
+                }
                 let _ = self
                     .outgoing
                     .try_send(Message::Event(Event::DeviceArrived(device)).into());

@@ -472,6 +472,10 @@ pub struct UsbfsDevice {
     /// Set by [`UsbfsDevice::close`]: an operation still running (a reset,
     /// a configuration change) must not claim the interfaces again.
     closed: std::sync::atomic::AtomicBool,
+    /// Held by the operations that release and claim interfaces (reset,
+    /// configuration and alternate setting changes) and by close, so close
+    /// never runs in the middle of one.
+    operation: tokio::sync::Mutex<()>,
 }
 
 impl UsbfsDevice {
@@ -488,6 +492,7 @@ impl UsbfsDevice {
             device,
             opened_configuration,
             closed: std::sync::atomic::AtomicBool::new(false),
+            operation: tokio::sync::Mutex::new(()),
             info: Mutex::new(info),
             interfaces: Mutex::default(),
             alts: Mutex::default(),
@@ -680,6 +685,7 @@ impl UsbfsDevice {
     /// SET_CONFIGURATION: a no-op for the active value (Linux hosts always
     /// send it during enumeration); otherwise release, switch, re-claim.
     pub async fn set_configuration(&self, value: u8) -> Result<(), UsbError> {
+        let _operation = self.begin_operation().await?;
         if value == self.info().active_configuration {
             return Ok(());
         }
@@ -701,6 +707,7 @@ impl UsbfsDevice {
 
     /// SET_INTERFACE on a claimed interface.
     pub async fn set_interface(&self, number: u8, alt: u8) -> Result<(), UsbError> {
+        let _operation = self.begin_operation().await?;
         let info = self.info();
         let config = info.active_config().ok_or(UsbError::Stall)?;
         config.alt_setting(number, alt).ok_or(UsbError::Stall)?;
@@ -777,16 +784,29 @@ impl UsbfsDevice {
     /// Port reset: usbfs drops claims across a reset, so release first and
     /// claim again after.
     pub async fn reset(&self) -> Result<(), UsbError> {
+        let _operation = self.begin_operation().await?;
         self.stop_endpoints(None).await;
         self.release_all();
         self.device.reset().await.map_err(map_error)?;
         self.claim_all().await
     }
 
+    /// Waits for the operation running, if any; refuses once closed.
+    async fn begin_operation(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, UsbError> {
+        let guard = self.operation.lock().await;
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(UsbError::NoDevice);
+        }
+        Ok(guard)
+    }
+
     /// Ends all transfers, releases every interface and re-attaches the
     /// kernel drivers, so the device works locally again.
     pub async fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        // An operation already running finishes (its claims fail), then
+        // close undoes what it changed.
+        let _operation = self.operation.lock().await;
         {
             // Endpoint 0 too: nothing queued runs on a device given back,
             // and the one running ends now.

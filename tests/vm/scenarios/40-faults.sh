@@ -151,6 +151,7 @@ while ! all_inactive && [ $(( ($(date +%s%N) - t0) / 1000000000 )) -lt 10 ]; do 
 t1=$(date +%s%N)
 stop_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
 metric server_stop_while_attached_s "$stop_s" s
+awk -v s="$stop_s" 'BEGIN { exit !(s < 10) }' || fail "D: stop took ${stop_s}s (limit 10 s)"
 for u in "${P2P_UNITS[@]}"; do
   st=$(unit_prop "$u" ActiveState)
   [ "$st" = inactive ] || fail "D: $u is $st ${stop_s}s after the stop (limit 10 s)"
