@@ -384,6 +384,58 @@ fn a_peer_that_stops_reading_cannot_grow_the_helpers_memory() {
 }
 
 #[test]
+fn a_stopping_helper_does_not_wait_on_a_peer_that_does_not_read() {
+    let mut helper = start_activated_helper("", None);
+    let mut peer = greeted_by_hand(&helper.socket);
+    let request = |id: u64, body: Request| {
+        raw_frame(&rmp_serde::to_vec(&Message::Request { id, body }).unwrap())
+    };
+    peer.write_all(&request(1, Request::ListDevices)).unwrap();
+    let key = match read_message(&mut peer) {
+        Some(Message::Reply {
+            body: Ok(Reply::Devices(devices)),
+            ..
+        }) => devices
+            .into_iter()
+            .find(|d| (d.key.vid, d.key.pid) == ZERO)
+            .unwrap()
+            .key,
+        other => panic!("{other:?}"),
+    };
+    peer.write_all(&request(2, Request::Open { key })).unwrap();
+    let Some(Message::Reply {
+        body: Ok(Reply::Opened { handle, .. }),
+        ..
+    }) = read_message(&mut peer)
+    else {
+        panic!("open failed")
+    };
+    // Replies the peer never reads: the socket and the budget fill up.
+    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
+    let mut burst = Vec::new();
+    for id in 100..200 {
+        burst.extend(request(
+            id,
+            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
+        ));
+    }
+    peer.write_all(&burst).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    helper.process.signal(Signal::SIGTERM);
+    helper
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .expect("exits after SIGTERM");
+    let log = helper.process.output();
+    assert!(log.contains("device released"), "{log}");
+    assert!(
+        !log.contains("did not finish"),
+        "the connection ended by itself: {log}"
+    );
+    drop(peer);
+}
+
+#[test]
 fn cancels_are_read_while_submits_wait_for_budget() {
     let helper = start_activated_helper("", None);
     let mut peer = greeted_by_hand(&helper.socket);
