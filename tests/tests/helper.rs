@@ -395,11 +395,13 @@ fn a_stopping_helper_does_not_wait_on_a_peer_that_does_not_read() {
         Some(Message::Reply {
             body: Ok(Reply::Devices(devices)),
             ..
-        }) => devices
-            .into_iter()
-            .find(|d| (d.key.vid, d.key.pid) == ZERO)
-            .unwrap()
-            .key,
+        }) => {
+            devices
+                .into_iter()
+                .find(|d| (d.key.vid, d.key.pid) == ZERO)
+                .unwrap()
+                .key
+        }
         other => panic!("{other:?}"),
     };
     peer.write_all(&request(2, Request::Open { key })).unwrap();
