@@ -320,38 +320,14 @@ fn malformed_and_oversized_frames_do_not_hurt_other_peers() {
 fn a_peer_that_stops_reading_cannot_grow_the_helpers_memory() {
     let helper = start_activated_helper("", None);
     let mut peer = greeted_by_hand(&helper.socket);
-    let request = |id: u64, body: Request| {
-        raw_frame(&rmp_serde::to_vec(&Message::Request { id, body }).unwrap())
-    };
-    let device = {
-        peer.write_all(&request(1, Request::ListDevices)).unwrap();
-        match read_message(&mut peer) {
-            Some(Message::Reply {
-                body: Ok(Reply::Devices(devices)),
-                ..
-            }) => devices
-                .into_iter()
-                .find(|d| (d.key.vid, d.key.pid) == ZERO)
-                .unwrap(),
-            other => panic!("{other:?}"),
-        }
-    };
-    peer.write_all(&request(2, Request::Open { key: device.key }))
-        .unwrap();
-    let handle = match read_message(&mut peer) {
-        Some(Message::Reply {
-            body: Ok(Reply::Opened { handle, .. }),
-            ..
-        }) => handle,
-        other => panic!("{other:?}"),
-    };
+    let handle = open_zero_by_hand(&mut peer);
     // 200 reads of 4 MiB from the source endpoint (800 MiB of replies), and
     // no reply read for now.
     const READS: u64 = 200;
     let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
     let mut burst = Vec::new();
     for id in 0..READS {
-        burst.extend(request(
+        burst.extend(request_frame(
             100 + id,
             Request::Submit(transfer(handle, zero::EP_IN, input(max))),
         ));
@@ -387,36 +363,12 @@ fn a_peer_that_stops_reading_cannot_grow_the_helpers_memory() {
 fn a_stopping_helper_does_not_wait_on_a_peer_that_does_not_read() {
     let mut helper = start_activated_helper("", None);
     let mut peer = greeted_by_hand(&helper.socket);
-    let request = |id: u64, body: Request| {
-        raw_frame(&rmp_serde::to_vec(&Message::Request { id, body }).unwrap())
-    };
-    peer.write_all(&request(1, Request::ListDevices)).unwrap();
-    let key = match read_message(&mut peer) {
-        Some(Message::Reply {
-            body: Ok(Reply::Devices(devices)),
-            ..
-        }) => {
-            devices
-                .into_iter()
-                .find(|d| (d.key.vid, d.key.pid) == ZERO)
-                .unwrap()
-                .key
-        }
-        other => panic!("{other:?}"),
-    };
-    peer.write_all(&request(2, Request::Open { key })).unwrap();
-    let Some(Message::Reply {
-        body: Ok(Reply::Opened { handle, .. }),
-        ..
-    }) = read_message(&mut peer)
-    else {
-        panic!("open failed")
-    };
+    let handle = open_zero_by_hand(&mut peer);
     // Replies the peer never reads: the socket and the budget fill up.
     let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
     let mut burst = Vec::new();
     for id in 100..200 {
-        burst.extend(request(
+        burst.extend(request_frame(
             id,
             Request::Submit(transfer(handle, zero::EP_IN, input(max))),
         ));
@@ -442,28 +394,13 @@ fn cancels_are_read_while_submits_wait_for_budget() {
     let helper = start_activated_helper("", None);
     let mut peer = greeted_by_hand(&helper.socket);
     let send = |peer: &mut std::os::unix::net::UnixStream, id: u64, body: Request| {
-        let frame = raw_frame(&rmp_serde::to_vec(&Message::Request { id, body }).unwrap());
-        peer.write_all(&frame).unwrap();
+        peer.write_all(&request_frame(id, body)).unwrap();
     };
     let answer = |peer: &mut std::os::unix::net::UnixStream| match read_message(peer) {
         Some(Message::Reply { id, body }) => (id, body),
         other => panic!("expected a reply, got {other:?}"),
     };
-    send(&mut peer, 1, Request::ListDevices);
-    let key = match answer(&mut peer) {
-        (1, Ok(Reply::Devices(devices))) => {
-            devices
-                .into_iter()
-                .find(|d| (d.key.vid, d.key.pid) == ZERO)
-                .unwrap()
-                .key
-        }
-        other => panic!("{other:?}"),
-    };
-    send(&mut peer, 2, Request::Open { key });
-    let (2, Ok(Reply::Opened { handle, .. })) = answer(&mut peer) else {
-        panic!("open failed")
-    };
+    let handle = open_zero_by_hand(&mut peer);
     send(
         &mut peer,
         3,
@@ -502,12 +439,9 @@ fn cancels_are_read_while_submits_wait_for_budget() {
     let last_waiting = waiting + p2p_usb_helper::server::WAITING_SUBMITS as u64 - 1;
     let mut burst = Vec::new();
     for id in waiting + 1..=last_waiting + 1 {
-        burst.extend(raw_frame(
-            &rmp_serde::to_vec(&Message::Request {
-                id,
-                body: Request::Submit(transfer(handle, zero::EP_IN, input(max))),
-            })
-            .unwrap(),
+        burst.extend(request_frame(
+            id,
+            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
         ));
     }
     peer.write_all(&burst).unwrap();
@@ -520,6 +454,40 @@ fn cancels_are_read_while_submits_wait_for_budget() {
     // The connection is still in order.
     send(&mut peer, 4, Request::ListDevices);
     assert!(matches!(answer(&mut peer), (4, Ok(Reply::Devices(_)))));
+}
+
+/// One request, framed by hand.
+fn request_frame(id: u64, body: Request) -> Vec<u8> {
+    raw_frame(&rmp_serde::to_vec(&Message::Request { id, body }).unwrap())
+}
+
+/// Lists the devices and opens the Gadget Zero on a connection greeted by
+/// hand (request ids 1 and 2); its handle.
+fn open_zero_by_hand(peer: &mut std::os::unix::net::UnixStream) -> Handle {
+    peer.write_all(&request_frame(1, Request::ListDevices))
+        .unwrap();
+    let key = match read_message(peer) {
+        Some(Message::Reply {
+            id: 1,
+            body: Ok(Reply::Devices(devices)),
+        }) => {
+            devices
+                .into_iter()
+                .find(|d| (d.key.vid, d.key.pid) == ZERO)
+                .unwrap()
+                .key
+        }
+        other => panic!("{other:?}"),
+    };
+    peer.write_all(&request_frame(2, Request::Open { key }))
+        .unwrap();
+    match read_message(peer) {
+        Some(Message::Reply {
+            id: 2,
+            body: Ok(Reply::Opened { handle, .. }),
+        }) => handle,
+        other => panic!("open failed: {other:?}"),
+    }
 }
 
 /// A connection to the helper that exchanged hellos by hand, without the
