@@ -119,12 +119,8 @@ impl Agent {
     }
 
     fn status_line(&self) -> String {
+        let shared = self.shared_devices().map_or(0, |devices| devices.len());
         let helper = self.helper.borrow().clone();
-        let shared = helper
-            .devices()
-            .iter()
-            .filter(|d| self.policy.is_shared(&d.key))
-            .count();
         let clients = self.clients.lock().expect("clients lock").len();
         let mut line = format!(
             "NodeId {}: {shared} device{} shared, {clients} client{}",
