@@ -550,6 +550,16 @@ mod tests {
                 data: Bytes::from_static(&[1, 2, 3]),
             })),
         });
+        round_trip(Message::Reply {
+            id: 4,
+            body: Ok(Reply::PartlyTransferred {
+                error: UsbError::Stall,
+                completion: Completion {
+                    actual_length: 5000,
+                    data: Bytes::from(vec![9; 5000]),
+                },
+            }),
+        });
         round_trip(Message::Event(Event::DeviceLeft {
             key: "1-1/0525:a4a0".parse().unwrap(),
         }));

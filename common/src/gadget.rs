@@ -37,6 +37,11 @@ pub mod zero {
         pub const DELAY_COMPLETIONS: u8 = 0xe2;
         /// Vendor OUT, wValue = seconds: hang the simulated USB thread (a stuck USB stack).
         pub const FREEZE: u8 = 0xe3;
+        /// Vendor OUT, wValue = bytes, wIndex = endpoint address: the next
+        /// transfer on that endpoint moves at most that many bytes, then the
+        /// endpoint stalls (a device ending a data phase early, as a
+        /// mass-storage device may with a short answer).
+        pub const STALL_AFTER: u8 = 0xe4;
         /// `bmRequestType` of a vendor, device-recipient, host-to-device request.
         pub const VENDOR_OUT: u8 = 0x40;
         /// `bmRequestType` of a vendor, device-recipient, device-to-host request.

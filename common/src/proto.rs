@@ -138,7 +138,8 @@ impl Request {
     }
 }
 
-/// Successful answers.
+/// Answers to requests that were carried out (a transfer that failed part
+/// way is one: see `PartlyTransferred`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     Devices(Vec<DeviceInfo>),
@@ -149,6 +150,27 @@ pub enum Reply {
     Transferred(Completion),
     /// The request was carried out and has nothing to return.
     Done,
+    /// A transfer that failed after moving bytes: an IN that stalled after
+    /// some packets, an OUT cut short by an error. usbip-host passes on both
+    /// the error and what moved (a mass-storage data phase that ends in a
+    /// stall still delivers its data), so this does too. A transfer that
+    /// failed before moving anything is an `Err(UsbError)`.
+    PartlyTransferred {
+        error: UsbError,
+        completion: Completion,
+    },
+}
+
+impl Reply {
+    /// The answer to a transfer that ended with `error` after moving what
+    /// `completion` holds: partial when bytes moved, else the error alone.
+    pub fn transfer_failed(error: UsbError, completion: Completion) -> Result<Reply, UsbError> {
+        if completion.actual_length == 0 {
+            Err(error)
+        } else {
+            Ok(Reply::PartlyTransferred { error, completion })
+        }
+    }
 }
 
 /// Pushed without a request.
@@ -229,7 +251,7 @@ pub struct TransferFlags {
 }
 
 /// A completed transfer.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
     /// Bytes moved; for IN equal to `data.len()`.
     pub actual_length: u32,

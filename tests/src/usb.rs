@@ -68,12 +68,7 @@ pub async fn start(
     impl Future<Output = Result<Completion, UsbError>> + use<>,
 ) {
     let (id, reply) = link.start_request(Request::Submit(t)).await;
-    (id, async move {
-        match reply.await? {
-            Reply::Transferred(c) => Ok(c),
-            other => panic!("Submit: {other:?}"),
-        }
-    })
+    (id, async move { completion(reply.await) })
 }
 
 /// Starts several transfers with one write; their completions, in order.
@@ -85,13 +80,18 @@ pub async fn start_all(
     link.start_requests(requests)
         .await
         .into_iter()
-        .map(|(_, reply)| async move {
-            match reply.await? {
-                Reply::Transferred(c) => Ok(c),
-                other => panic!("Submit: {other:?}"),
-            }
-        })
+        .map(|(_, reply)| async move { completion(reply.await) })
         .collect()
+}
+
+/// A transfer's reply as a result: a transfer that failed part way is its
+/// error (tests that look at what moved read the reply itself).
+fn completion(reply: Result<Reply, UsbError>) -> Result<Completion, UsbError> {
+    match reply? {
+        Reply::Transferred(c) => Ok(c),
+        Reply::PartlyTransferred { error, .. } => Err(error),
+        other => panic!("Submit: {other:?}"),
+    }
 }
 
 /// Runs one transfer to completion.

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use nix::sys::signal::Signal;
 use p2p_usb_common::link::LinkClient;
 use p2p_usb_common::proto::{
-    DeviceInfo, Event, Handle, Message, Reply, Request, SetupPacket, TransferData, UsbError,
-    std_request,
+    Completion, DeviceInfo, Event, Handle, Message, Reply, Request, SetupPacket, TransferData,
+    UsbError, std_request,
 };
 use p2p_usb_helper::sim::{keyboard, zero};
 use p2p_usb_tests::usb::{self, control, input, out, transfer};
@@ -781,10 +781,60 @@ fn zero_length_packets_and_short_not_ok() {
         .unwrap();
         let mut strict = transfer(handle, zero::EP_IN, input(512));
         strict.flags.short_not_ok = true;
+        // A failure that still carries what was read, as the kernel reports
+        // -EREMOTEIO with the data.
         assert_eq!(
-            usb::run(link, strict).await.unwrap_err(),
-            UsbError::ShortPacket
+            link.request(Request::Submit(strict)).await,
+            Ok(Reply::PartlyTransferred {
+                error: UsbError::ShortPacket,
+                completion: Completion {
+                    actual_length: 5,
+                    data: Bytes::from_static(b"short"),
+                },
+            })
         );
+    });
+}
+
+#[test]
+fn a_transfer_cut_short_by_a_stall_passes_on_what_moved() {
+    with_helper_link("", None, async |_, link, _| {
+        let (_, handle) = open_sim(link, ZERO).await;
+        let stall_after = |bytes: u16| {
+            control(
+                link,
+                handle,
+                zero::control::VENDOR_OUT,
+                zero::control::STALL_AFTER,
+                bytes,
+                zero::EP_IN.into(),
+                out(Bytes::new()),
+            )
+        };
+        stall_after(1000).await.unwrap();
+        let read = || link.request(Request::Submit(transfer(handle, zero::EP_IN, input(4096))));
+        match read().await {
+            Ok(Reply::PartlyTransferred { error, completion }) => {
+                assert_eq!(error, UsbError::Stall);
+                assert_eq!(completion.actual_length, 1000);
+                assert_eq!(completion.data[..], zero::expected_source_data(1000)[..]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(read().await, Err(UsbError::Stall), "the endpoint halted");
+        link.request(Request::ClearHalt {
+            handle,
+            endpoint: zero::EP_IN,
+        })
+        .await
+        .unwrap();
+        match read().await {
+            Ok(Reply::Transferred(completion)) => assert_eq!(completion.actual_length, 4096),
+            other => panic!("{other:?}"),
+        }
+        // Cut before anything moved: a plain stall, no empty partial reply.
+        stall_after(0).await.unwrap();
+        assert_eq!(read().await, Err(UsbError::Stall));
     });
 }
 

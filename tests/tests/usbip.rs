@@ -209,6 +209,33 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
         .unwrap();
     assert_eq!((full.status, full.actual_length), (0, 512), "not short");
 
+    // An IN cut short by a stall: as from usbip-host, the error status and
+    // the bytes that did move (a mass-storage data phase can end this way).
+    device
+        .transfer(zero::EP_OUT, UrbData::Out(Bytes::from(vec![3u8; 2000])), 0)
+        .await
+        .unwrap();
+    let cut = device
+        .control(
+            zero::control::VENDOR_OUT,
+            zero::control::STALL_AFTER,
+            1000,
+            zero::EP_IN.into(),
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut.status, 0);
+    let partial = device
+        .transfer(zero::EP_IN, UrbData::In(4096), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (partial.status, partial.actual_length, partial.data.len()),
+        (EPIPE, 1000, 1000)
+    );
+    assert!(partial.data.iter().all(|&b| b == 3));
+
     stall_in(&device).await;
     assert_eq!(
         device

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use p2p_usb_common::proto::{
-    Completion, DeviceInfo, EndpointType, MAX_TRANSFER_LEN, Message, RequestId, Transfer,
+    Completion, DeviceInfo, EndpointType, MAX_TRANSFER_LEN, Message, Reply, RequestId, Transfer,
     TransferData, UsbError,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -107,15 +107,17 @@ pub fn resolve(
     )))
 }
 
-/// Applies `short_not_ok` to an IN completion.
-pub fn check_short(transfer: &Transfer, completion: Completion) -> Result<Completion, UsbError> {
+/// The answer to a transfer that completed on the device. `short_not_ok`
+/// turns a short IN into a failure that still carries its data, as the
+/// kernel reports it (-EREMOTEIO with the bytes read).
+pub fn answer(transfer: &Transfer, completion: Completion) -> Result<Reply, UsbError> {
     match transfer.data {
         TransferData::In { length }
             if transfer.flags.short_not_ok && completion.actual_length < length =>
         {
-            Err(UsbError::ShortPacket)
+            Reply::transfer_failed(UsbError::ShortPacket, completion)
         }
-        _ => Ok(completion),
+        _ => Ok(Reply::Transferred(completion)),
     }
 }
 
@@ -167,14 +169,8 @@ impl ReplySink {
         }
     }
 
-    fn into_outgoing(
-        self,
-        result: Result<Completion, UsbError>,
-    ) -> (mpsc::Sender<Outgoing>, Outgoing) {
-        let message = Message::Reply {
-            id: self.id,
-            body: result.map(p2p_usb_common::proto::Reply::Transferred),
-        };
+    fn into_outgoing(self, body: Result<Reply, UsbError>) -> (mpsc::Sender<Outgoing>, Outgoing) {
+        let message = Message::Reply { id: self.id, body };
         (
             self.outgoing,
             Outgoing {
@@ -184,26 +180,32 @@ impl ReplySink {
         )
     }
 
-    /// Queues the reply, waiting if the link is slow; a closed link is fine
-    /// (nobody is left to tell).
+    /// Queues the transfer's result, waiting if the link is slow; a closed
+    /// link is fine (nobody is left to tell).
     pub async fn send(self, result: Result<Completion, UsbError>) {
-        let (outgoing, reply) = self.into_outgoing(result);
+        self.send_reply(result.map(Reply::Transferred)).await;
+    }
+
+    /// Queues any answer to the transfer, such as a partial one
+    /// ([`Reply::transfer_failed`]).
+    pub async fn send_reply(self, body: Result<Reply, UsbError>) {
+        let (outgoing, reply) = self.into_outgoing(body);
         let _ = outgoing.send(reply).await;
     }
 
-    /// Queues the reply if the link has room now; otherwise hands both back.
+    /// Queues the answer if the link has room now; otherwise hands both back.
     pub fn try_send(
         self,
-        result: Result<Completion, UsbError>,
-    ) -> Result<(), (Self, Result<Completion, UsbError>)> {
+        body: Result<Reply, UsbError>,
+    ) -> Result<(), (Self, Result<Reply, UsbError>)> {
         match self.outgoing.clone().try_reserve_owned() {
             Ok(slot) => {
-                let (_, reply) = self.into_outgoing(result);
+                let (_, reply) = self.into_outgoing(body);
                 slot.send(reply);
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err((self, result)),
+            Err(mpsc::error::TrySendError::Full(_)) => Err((self, body)),
         }
     }
 }

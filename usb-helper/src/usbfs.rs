@@ -29,8 +29,8 @@ use nusb::transfer::{
 };
 use p2p_usb_common::descriptors;
 use p2p_usb_common::proto::{
-    Completion, DeviceInfo, DeviceKey, EndpointType, RequestId, Speed, Transfer, TransferData,
-    UsbError,
+    Completion, DeviceInfo, DeviceKey, EndpointType, Reply, RequestId, Speed, Transfer,
+    TransferData, UsbError,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -996,11 +996,11 @@ async fn run_endpoint<E: BulkOrInterrupt, D: EndpointDirection>(
                             // Collateral that had already moved data: report what
                             // moved, as a short transfer.
                             let result = finish(&item.transfer, completion.buffer, completion.actual_len, Ok(()));
-                            reply.send(result).await;
+                            reply.send_reply(result).await;
                         }
                         status => {
                             let result = finish(&item.transfer, completion.buffer, completion.actual_len, status);
-                            reply.send(result).await;
+                            reply.send_reply(result).await;
                         }
                     }
                 }
@@ -1086,8 +1086,9 @@ fn finish(
     buffer: Buffer,
     actual_len: usize,
     status: Result<(), TransferError>,
-) -> Result<Completion, UsbError> {
-    status.map_err(map_transfer_error)?;
+) -> Result<Reply, UsbError> {
+    // On failure too, what moved is passed on, as usbip-host does: the
+    // kernel fills `actual_len` for failed URBs as well.
     let completion = match transfer.data {
         TransferData::In { length } => {
             // The buffer was rounded up to whole packets, so a device may
@@ -1117,7 +1118,10 @@ fn finish(
             data: Bytes::new(),
         },
     };
-    transfer::check_short(transfer, completion)
+    match status {
+        Ok(()) => transfer::answer(transfer, completion),
+        Err(e) => Reply::transfer_failed(map_transfer_error(e), completion),
+    }
 }
 
 async fn control_worker(
@@ -1145,7 +1149,9 @@ async fn control_worker(
             _ = stopped => Err(UsbError::Cancelled),
         };
         state.lock().expect("control state lock").running.take();
-        reply.send(result).await;
+        reply
+            .send_reply(result.and_then(|completion| transfer::answer(&transfer, completion)))
+            .await;
     }
 }
 
@@ -1176,13 +1182,10 @@ async fn control_transfer(
                 )
                 .await
                 .map_err(map_transfer_error)?;
-            transfer::check_short(
-                transfer,
-                Completion {
-                    actual_length: data.len() as u32,
-                    data: Bytes::from(data),
-                },
-            )
+            Ok(Completion {
+                actual_length: data.len() as u32,
+                data: Bytes::from(data),
+            })
         }
         TransferData::Out(bytes) => {
             device
@@ -1264,12 +1267,61 @@ mod tests {
             timeout_ms: None,
         };
         let filled = Buffer::from(vec![7u8; 1024]);
-        let done = finish(&transfer, filled, 1024, Ok(())).unwrap();
+        let Ok(Reply::Transferred(done)) = finish(&transfer, filled, 1024, Ok(())) else {
+            panic!("a completed transfer");
+        };
         assert_eq!(done.actual_length, 512);
         assert_eq!(done.data.len(), 512);
         let short = Buffer::from(vec![7u8; 1024]);
-        let done = finish(&transfer, short, 13, Ok(())).unwrap();
+        let Ok(Reply::Transferred(done)) = finish(&transfer, short, 13, Ok(())) else {
+            panic!("a completed transfer");
+        };
         assert_eq!((done.actual_length, done.data.len()), (13, 13));
+    }
+
+    #[test]
+    fn failed_transfers_pass_on_what_moved() {
+        let read = Transfer {
+            handle: 1,
+            endpoint: 0x81,
+            setup: None,
+            data: TransferData::In { length: 1024 },
+            flags: Default::default(),
+            timeout_ms: None,
+        };
+        let buffer = || Buffer::from(vec![7u8; 1024]);
+        match finish(&read, buffer(), 512, Err(TransferError::Stall)) {
+            Ok(Reply::PartlyTransferred { error, completion }) => {
+                assert_eq!(error, UsbError::Stall);
+                assert_eq!(
+                    (completion.actual_length, completion.data.len()),
+                    (512, 512)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            finish(&read, buffer(), 0, Err(TransferError::Stall)),
+            Err(UsbError::Stall),
+            "nothing moved: the error alone"
+        );
+        let write = Transfer {
+            endpoint: 0x01,
+            data: TransferData::Out(Bytes::from(vec![1u8; 1024])),
+            ..read
+        };
+        match finish(
+            &write,
+            Buffer::new(0),
+            600,
+            Err(TransferError::Disconnected),
+        ) {
+            Ok(Reply::PartlyTransferred { error, completion }) => {
+                assert_eq!(error, UsbError::NoDevice);
+                assert_eq!((completion.actual_length, completion.data.len()), (600, 0));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

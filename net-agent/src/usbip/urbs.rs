@@ -400,14 +400,24 @@ fn complete(
         pending.by_seqnum.remove(&urb.cmd.seqnum);
         urb
     };
+    // A transfer that failed part way carries its error and what moved;
+    // usbip-host reports both, and so does this.
+    let (completion, error) = match result {
+        Ok(Reply::Transferred(completion)) => (completion, None),
+        Ok(Reply::PartlyTransferred { error, completion }) => (completion, Some(error)),
+        Ok(other) => {
+            let error = UsbError::Protocol(format!("unexpected reply {other:?}"));
+            (Completion::default(), Some(error))
+        }
+        Err(error) => (Completion::default(), Some(error)),
+    };
+    let status = match &error {
+        Some(error) => error.urb_status(),
+        None => completion_status(&urb.cmd, &completion),
+    };
     if let Some(unlink_seqnum) = urb.unlinked_by {
         // The status the URB ended with, as usbip-host reports it: 0 when
         // it completed before the unlink took effect.
-        let status = match &result {
-            Ok(Reply::Transferred(completion)) => completion_status(&urb.cmd, completion),
-            Ok(_) => 0,
-            Err(e) => e.urb_status(),
-        };
         let ret = RetUnlink {
             seqnum: unlink_seqnum,
             devid: 0,
@@ -417,44 +427,30 @@ fn complete(
         };
         return Some(wire(UrbHeader::RetUnlink(ret)));
     }
-    match result {
-        Ok(Reply::Transferred(completion))
-            if urb.cmd.direction == USBIP_DIR_IN
-                && completion.data.len() < completion.actual_length as usize =>
-        {
-            // The header must announce exactly the bytes that follow it, or
-            // the kernel would read the next replies as data.
-            Some(failure(
-                &urb.cmd,
-                &UsbError::Protocol(format!(
-                    "the server reported {} bytes read but sent {}",
-                    completion.actual_length,
-                    completion.data.len()
-                )),
-            ))
-        }
-        Ok(Reply::Transferred(completion)) => {
-            let actual = completion.actual_length as usize;
-            let dir_in = urb.cmd.direction == USBIP_DIR_IN;
-            let status = completion_status(&urb.cmd, &completion);
-            match RetSubmit::reply_to(&urb.cmd, status, actual) {
-                Ok(ret) => Some(Outgoing {
-                    header: UrbHeader::RetSubmit(ret).encode(),
-                    data: if dir_in {
-                        completion.data.slice(..actual)
-                    } else {
-                        Bytes::new()
-                    },
-                    iso: Bytes::new(),
-                }),
-                Err(_) => Some(failure(&urb.cmd, &UsbError::Overflow)),
-            }
-        }
-        Ok(other) => Some(failure(
+    let dir_in = urb.cmd.direction == USBIP_DIR_IN;
+    let actual = completion.actual_length as usize;
+    if dir_in && completion.data.len() < actual {
+        // The header must announce exactly the bytes that follow it, or
+        // the kernel would read the next replies as data.
+        return Some(failure(
             &urb.cmd,
-            &UsbError::Protocol(format!("unexpected reply {other:?}")),
-        )),
-        Err(e) => Some(failure(&urb.cmd, &e)),
+            &UsbError::Protocol(format!(
+                "the server reported {actual} bytes read but sent {}",
+                completion.data.len()
+            )),
+        ));
+    }
+    match RetSubmit::reply_to(&urb.cmd, status, actual) {
+        Ok(ret) => Some(Outgoing {
+            header: UrbHeader::RetSubmit(ret).encode(),
+            data: if dir_in {
+                completion.data.slice(..actual)
+            } else {
+                Bytes::new()
+            },
+            iso: Bytes::new(),
+        }),
+        Err(_) => Some(failure(&urb.cmd, &UsbError::Overflow)),
     }
 }
 

@@ -22,8 +22,8 @@ use bytes::Bytes;
 use p2p_usb_common::config::{SimDeviceKind, SimSection};
 use p2p_usb_common::descriptors::{self, kind};
 use p2p_usb_common::proto::{
-    Completion, DeviceInfo, DeviceKey, RequestId, SetupPacket, Transfer, TransferData, UsbError,
-    std_request,
+    Completion, DeviceInfo, DeviceKey, Reply, RequestId, SetupPacket, Transfer, TransferData,
+    UsbError, std_request,
 };
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::time::Instant;
@@ -36,6 +36,8 @@ use crate::transfer::{self, ReplySink};
 pub enum Effect {
     /// Halt this endpoint address.
     Stall(u8),
+    /// Let the next transfer on `endpoint` move at most `bytes`, then halt it.
+    StallAfter { endpoint: u8, bytes: usize },
     /// Unplug, replug after this many milliseconds.
     Unplug(u64),
     /// Delay every completion by this many milliseconds.
@@ -206,6 +208,7 @@ impl SimDevice {
             Some(unit) => {
                 unit.fail_pending(UsbError::Cancelled, None);
                 unit.halted.clear();
+                unit.stall_after.clear();
                 unit.alts.clear();
                 unit.behaviour.reset();
                 Ok(())
@@ -221,6 +224,7 @@ impl SimDevice {
                 unit.opened_by = None;
                 unit.alts.clear();
                 unit.halted.clear();
+                unit.stall_after.clear();
             }
         });
     }
@@ -279,7 +283,7 @@ struct Pending {
 struct Delivery {
     ready_at: Instant,
     reply: ReplySink,
-    result: Result<Completion, UsbError>,
+    result: Result<Reply, UsbError>,
 }
 
 /// An endpoint's delivery task and how many replies it still holds.
@@ -297,6 +301,9 @@ struct Unit {
     opened_by: Option<u64>,
     alts: HashMap<u8, u8>,
     halted: HashSet<u8>,
+    /// Endpoints whose next transfer stops part way with a stall, and the
+    /// bytes it moves first.
+    stall_after: HashMap<u8, usize>,
     queues: BTreeMap<u8, VecDeque<Pending>>,
     /// One ordered delivery queue per endpoint keeps replies FIFO per
     /// endpoint even when completions are delayed or the link is full.
@@ -309,7 +316,7 @@ impl Unit {
         self.info.lock().expect("info lock").clone()
     }
 
-    fn deliver(&mut self, endpoint: u8, reply: ReplySink, result: Result<Completion, UsbError>) {
+    fn deliver(&mut self, endpoint: u8, reply: ReplySink, result: Result<Reply, UsbError>) {
         use std::sync::atomic::Ordering;
         let outbox = self.outboxes.entry(endpoint).or_insert_with(|| {
             let (queue, mut rx) = mpsc::unbounded_channel::<Delivery>();
@@ -320,7 +327,7 @@ impl Unit {
                     if delivery.ready_at > Instant::now() {
                         tokio::time::sleep_until(delivery.ready_at).await;
                     }
-                    delivery.reply.send(delivery.result).await;
+                    delivery.reply.send_reply(delivery.result).await;
                     drained.fetch_sub(1, Ordering::AcqRel);
                 }
             });
@@ -383,7 +390,16 @@ impl Unit {
                 };
                 let Poll::Ready(result) = result else { break };
                 let pending = queue.pop_front().expect("head exists");
-                let result = result.and_then(|c| transfer::check_short(&pending.transfer, c));
+                let result = match result {
+                    Ok(completion) => match self.stall_after.remove(&ep) {
+                        Some(limit) => {
+                            self.halted.insert(ep);
+                            Reply::transfer_failed(UsbError::Stall, cut(completion, limit))
+                        }
+                        None => transfer::answer(&pending.transfer, completion),
+                    },
+                    Err(e) => Err(e),
+                };
                 self.deliver(ep, pending.reply, result);
             }
             let expired: VecDeque<Pending> = match self.queues.get_mut(&ep) {
@@ -516,6 +532,7 @@ impl Bus {
             opened_by: None,
             alts: HashMap::new(),
             halted: HashSet::new(),
+            stall_after: HashMap::new(),
             queues: BTreeMap::new(),
             outboxes: HashMap::new(),
             delay: self.base_delay,
@@ -611,7 +628,7 @@ impl Bus {
             .position(|u| u.plugged && u.opened_by == Some(open))
         else {
             if let Err((reply, result)) = reply.try_send(Err(UsbError::NoDevice)) {
-                tokio::spawn(reply.send(result));
+                tokio::spawn(reply.send_reply(result));
             }
             return;
         };
@@ -626,7 +643,7 @@ impl Bus {
             let setup = transfer.setup.expect("resolve checked the setup packet");
             match unit.control(&setup, &transfer.data) {
                 Ok((completion, effect)) => {
-                    let result = transfer::check_short(&transfer, completion);
+                    let result = transfer::answer(&transfer, completion);
                     unit.deliver(0, reply, result);
                     if let Some(effect) = effect {
                         self.apply(index, effect);
@@ -656,6 +673,9 @@ impl Bus {
         match effect {
             Effect::Stall(endpoint) => {
                 self.units[index].halted.insert(endpoint);
+            }
+            Effect::StallAfter { endpoint, bytes } => {
+                self.units[index].stall_after.insert(endpoint, bytes);
             }
             Effect::Delay(ms) => self.units[index].delay = Duration::from_millis(ms),
             Effect::Freeze(seconds) => {
@@ -690,6 +710,7 @@ impl Bus {
         unit.replug_at = None;
         unit.alts.clear();
         unit.halted.clear();
+        unit.stall_after.clear();
         unit.behaviour.reset();
         unit.delay = base_delay;
         tracing::info!(device = %info.key, address, "simulated replug");
@@ -707,6 +728,7 @@ impl Bus {
         unit.fail_pending(UsbError::Cancelled, None);
         unit.alts.clear();
         unit.halted.clear();
+        unit.stall_after.clear();
         unit.behaviour.reset();
         self.publish();
         Ok(())
@@ -727,6 +749,20 @@ fn set_interface(unit: &mut Unit, interface: u8, alt: u8) -> Result<(), UsbError
     }
     unit.alts.insert(interface, alt);
     Ok(())
+}
+
+/// What a transfer moved before a device cut it off after `limit` bytes.
+fn cut(completion: Completion, limit: usize) -> Completion {
+    let actual = (completion.actual_length as usize).min(limit);
+    let data = if completion.data.is_empty() {
+        completion.data
+    } else {
+        completion.data.slice(..actual.min(completion.data.len()))
+    };
+    Completion {
+        actual_length: actual as u32,
+        data,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

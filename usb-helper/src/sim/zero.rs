@@ -257,6 +257,10 @@ impl Zero {
             (control::VENDOR_OUT, control::FREEZE, _) => {
                 done(Some(Effect::Freeze(u64::from(setup.value))))
             }
+            (control::VENDOR_OUT, control::STALL_AFTER, _) => done(Some(Effect::StallAfter {
+                endpoint: setup.index as u8,
+                bytes: usize::from(setup.value),
+            })),
             _ => Err(UsbError::Stall),
         }
     }
