@@ -146,6 +146,9 @@ impl serde::Serialize for Outgoing {
     }
 }
 
+/// A reply the link had no room for, with its sink.
+pub type Unsent = (ReplySink, Result<Reply, UsbError>);
+
 /// Where the reply to one transfer goes: the outgoing queue of the link that
 /// submitted it, with the budget the transfer holds.
 #[derive(Debug)]
@@ -193,11 +196,9 @@ impl ReplySink {
         let _ = outgoing.send(reply).await;
     }
 
-    /// Queues the answer if the link has room now; otherwise hands both back.
-    pub fn try_send(
-        self,
-        body: Result<Reply, UsbError>,
-    ) -> Result<(), (Self, Result<Reply, UsbError>)> {
+    /// Queues the answer if the link has room now; otherwise hands both back
+    /// (boxed: a `Reply` is large, and a full link is the rare case).
+    pub fn try_send(self, body: Result<Reply, UsbError>) -> Result<(), Box<Unsent>> {
         match self.outgoing.clone().try_reserve_owned() {
             Ok(slot) => {
                 let (_, reply) = self.into_outgoing(body);
@@ -205,7 +206,7 @@ impl ReplySink {
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err((self, body)),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Box::new((self, body))),
         }
     }
 }

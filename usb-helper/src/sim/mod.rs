@@ -339,7 +339,7 @@ impl Unit {
         {
             match reply.try_send(result) {
                 Ok(()) => return,
-                Err(back) => back,
+                Err(unsent) => *unsent,
             }
         } else {
             (reply, result)
@@ -627,7 +627,8 @@ impl Bus {
             .iter()
             .position(|u| u.plugged && u.opened_by == Some(open))
         else {
-            if let Err((reply, result)) = reply.try_send(Err(UsbError::NoDevice)) {
+            if let Err(unsent) = reply.try_send(Err(UsbError::NoDevice)) {
+                let (reply, result) = *unsent;
                 tokio::spawn(reply.send_reply(result));
             }
             return;
