@@ -456,6 +456,71 @@ fn cancels_are_read_while_submits_wait_for_budget() {
     assert!(matches!(answer(&mut peer), (4, Ok(Reply::Devices(_)))));
 }
 
+#[test]
+fn direct_device_operations_wait_behind_the_submits_before_them() {
+    let helper = start_activated_helper("", None);
+    let mut peer = greeted_by_hand(&helper.socket);
+    let send = |peer: &mut std::os::unix::net::UnixStream, id: u64, body: Request| {
+        peer.write_all(&request_frame(id, body)).unwrap();
+    };
+    let handle = open_zero_by_hand(&mut peer);
+    send(
+        &mut peer,
+        3,
+        Request::SetConfiguration {
+            handle,
+            value: zero::CONFIG_LOOPBACK,
+        },
+    );
+    // Reads of the empty loopback take the whole budget; the write after
+    // them waits for budget, and so must the operation sent after it.
+    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
+    let budget_reads = (p2p_usb_helper::server::IN_FLIGHT_BUDGET / max as usize) as u64;
+    for id in 100..100 + budget_reads {
+        send(
+            &mut peer,
+            id,
+            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
+        );
+    }
+    send(
+        &mut peer,
+        200,
+        Request::Submit(transfer(
+            handle,
+            zero::EP_OUT,
+            out(Bytes::from_static(b"abc")),
+        )),
+    );
+    send(
+        &mut peer,
+        201,
+        Request::ClearHalt {
+            handle,
+            endpoint: zero::EP_OUT,
+        },
+    );
+    // Freeing one read's budget lets the write start, then the operation.
+    send(&mut peer, 300, Request::Cancel { request: 100 });
+    let mut order = Vec::new();
+    while order.len() < 6 {
+        match read_message(&mut peer) {
+            Some(Message::Reply { id, body }) => {
+                assert!(body.is_ok() || id == 100, "{id}: {body:?}");
+                order.push(id);
+            }
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+    let at = |id| order.iter().position(|&x| x == id).unwrap();
+    assert!(at(300) < at(201), "{order:?}");
+    assert!(at(200) < at(201), "{order:?}");
+    assert!(
+        order.contains(&101),
+        "the write reached the next read: {order:?}"
+    );
+}
+
 /// One request, framed by hand.
 fn request_frame(id: u64, body: Request) -> Vec<u8> {
     raw_frame(&rmp_serde::to_vec(&Message::Request { id, body }).unwrap())

@@ -217,12 +217,35 @@ struct Connection<'a> {
     shutdown: CancellationToken,
 }
 
-/// A submit waiting for budget.
+/// A submit or device operation waiting for budget.
 struct Waiting {
     id: RequestId,
-    transfer: Transfer,
+    work: Work,
     device: Arc<Device>,
     cost: u32,
+}
+
+/// What a request asks of a device, once it may start.
+enum Work {
+    /// A transfer; a standard request among them becomes its operation.
+    Transfer(Transfer),
+    /// A device operation asked for directly (`SetInterface`, `ClearHalt`,
+    /// …): it keeps its place behind the submits before it, as the same
+    /// request sent as a control transfer does.
+    Operation(Request),
+}
+
+impl Work {
+    /// OUT bytes the work carries, counted against `WAITING_BYTES`.
+    fn out_bytes(&self) -> usize {
+        match self {
+            Work::Transfer(Transfer {
+                data: TransferData::Out(bytes),
+                ..
+            }) => bytes.len(),
+            Work::Transfer(_) | Work::Operation(_) => 0,
+        }
+    }
 }
 
 impl<'a> Connection<'a> {
@@ -344,7 +367,7 @@ impl<'a> Connection<'a> {
             Request::Cancel { request } => {
                 if let Some(at) = self.waiting.iter().position(|w| w.id == request) {
                     if let Some(cancelled) = self.waiting.remove(at) {
-                        self.waiting_bytes -= out_bytes(&cancelled.transfer);
+                        self.waiting_bytes -= cancelled.work.out_bytes();
                     }
                     self.reply(request, Err(UsbError::Cancelled)).await;
                 } else {
@@ -361,13 +384,7 @@ impl<'a> Connection<'a> {
                 let Some(device) = self.devices.get(&handle).cloned() else {
                     return self.reply(id, Err(unknown_handle(handle))).await;
                 };
-                let outgoing = self.outgoing.clone();
-                tokio::spawn(async move {
-                    let body = device_operation(&device, &request)
-                        .await
-                        .map(|()| Reply::Done);
-                    let _ = outgoing.send(Message::Reply { id, body }.into()).await;
-                });
+                self.enqueue(id, Work::Operation(request), device, 1).await;
             }
         }
     }
@@ -414,7 +431,7 @@ impl<'a> Connection<'a> {
         }
     }
 
-    async fn submit(&mut self, id: RequestId, mut transfer: Transfer) {
+    async fn submit(&mut self, id: RequestId, transfer: Transfer) {
         let Some(device) = self.devices.get(&transfer.handle).cloned() else {
             return self.reply(id, Err(unknown_handle(transfer.handle))).await;
         };
@@ -425,10 +442,17 @@ impl<'a> Connection<'a> {
         } else {
             budget_cost(&transfer.data)
         };
+        self.enqueue(id, Work::Transfer(transfer), device, cost)
+            .await;
+    }
+
+    /// Starts `work` if nothing waits before it and the budget allows;
+    /// otherwise it waits its turn.
+    async fn enqueue(&mut self, id: RequestId, mut work: Work, device: Arc<Device>, cost: u32) {
         if self.waiting.is_empty()
             && let Ok(permit) = self.budget.clone().try_acquire_many_owned(cost)
         {
-            return self.start(id, transfer, device, permit);
+            return self.start(id, work, device, permit);
         }
         if self.waiting.len() >= WAITING_SUBMITS || self.waiting_bytes >= WAITING_BYTES {
             // Refused rather than read no further: the connection must stay
@@ -443,50 +467,45 @@ impl<'a> Connection<'a> {
                 )
                 .await;
         }
-        if let TransferData::Out(bytes) = &mut transfer.data {
+        if let Work::Transfer(Transfer {
+            data: TransferData::Out(bytes),
+            ..
+        }) = &mut work
+        {
             // A waiting payload is copied out of the read buffer, which it
             // would otherwise keep alive for as long as it waits.
             *bytes = Bytes::copy_from_slice(bytes);
         }
-        self.waiting_bytes += out_bytes(&transfer);
+        self.waiting_bytes += work.out_bytes();
         self.waiting.push_back(Waiting {
             id,
-            transfer,
+            work,
             device,
             cost,
         });
     }
 
-    /// Starts a transfer that has its budget: a standard request becomes the
+    /// Starts work that has its budget: a standard request becomes the
     /// real operation, as in usbip-host (passing it through raw would
-    /// desynchronise the host's view of the device); anything else goes to
-    /// the device.
-    fn start(
-        &self,
-        id: RequestId,
-        transfer: Transfer,
-        device: Arc<Device>,
-        permit: OwnedSemaphorePermit,
-    ) {
-        match special_request(&transfer) {
-            Some(request) => {
-                let outgoing = self.outgoing.clone();
-                tokio::spawn(async move {
-                    let body = device_operation(&device, &request).await.map(|()| {
-                        Reply::Transferred(Completion {
-                            actual_length: 0,
-                            data: Bytes::new(),
-                        })
-                    });
-                    drop(permit);
-                    let _ = outgoing.send(Message::Reply { id, body }.into()).await;
-                });
-            }
-            None => device.submit(
-                transfer,
-                ReplySink::new(id, self.outgoing.clone(), Some(permit)),
-            ),
-        }
+    /// desynchronise the host's view of the device); any other transfer goes
+    /// to the device.
+    fn start(&self, id: RequestId, work: Work, device: Arc<Device>, permit: OwnedSemaphorePermit) {
+        let (request, done) = match work {
+            Work::Transfer(transfer) => match special_request(&transfer) {
+                Some(request) => (request, Reply::Transferred(Completion::default())),
+                None => {
+                    let reply = ReplySink::new(id, self.outgoing.clone(), Some(permit));
+                    return device.submit(transfer, reply);
+                }
+            },
+            Work::Operation(request) => (request, Reply::Done),
+        };
+        let outgoing = self.outgoing.clone();
+        tokio::spawn(async move {
+            let body = device_operation(&device, &request).await.map(|()| done);
+            drop(permit);
+            let _ = outgoing.send(Message::Reply { id, body }.into()).await;
+        });
     }
 
     /// Starts the first waiting transfer with the budget it waited for, and
@@ -504,8 +523,8 @@ impl<'a> Connection<'a> {
             let Some(waiting) = self.waiting.pop_front() else {
                 break;
             };
-            self.waiting_bytes -= out_bytes(&waiting.transfer);
-            self.start(waiting.id, waiting.transfer, waiting.device, permit);
+            self.waiting_bytes -= waiting.work.out_bytes();
+            self.start(waiting.id, waiting.work, waiting.device, permit);
         }
     }
 
@@ -517,7 +536,7 @@ impl<'a> Connection<'a> {
                 .partition(|w| Arc::ptr_eq(&w.device, device));
         self.waiting = kept;
         for waiting in gone {
-            self.waiting_bytes -= out_bytes(&waiting.transfer);
+            self.waiting_bytes -= waiting.work.out_bytes();
             self.reply(waiting.id, Err(UsbError::NoDevice)).await;
         }
     }
@@ -617,13 +636,6 @@ fn budget_cost(data: &TransferData) -> u32 {
         _ => 1,
     };
     data.len().max(pinned as u32).min(MAX_TRANSFER_LEN)
-}
-
-fn out_bytes(transfer: &Transfer) -> usize {
-    match &transfer.data {
-        TransferData::Out(bytes) => bytes.len(),
-        TransferData::In { .. } => 0,
-    }
 }
 
 fn unknown_handle(handle: Handle) -> UsbError {
