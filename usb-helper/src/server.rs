@@ -207,7 +207,7 @@ struct Connection<'a> {
     /// `DeviceArrived` went.
     announced: HashSet<DeviceKey>,
     budget: Arc<Semaphore>,
-    /// Submits waiting for budget, in arrival order (standard requests too,
+    /// Submits waiting for budget, in arrival order (device operations too,
     /// so they keep their place). The connection keeps reading meanwhile, so
     /// a Cancel (of one of these, or of a transfer holding the budget) is
     /// still seen: vhci_hcd waits for the answer to an unlink, and would
