@@ -1256,16 +1256,21 @@ mod tests {
         )));
     }
 
-    #[test]
-    fn rounded_up_in_buffers_pass_on_only_the_requested_length() {
-        let transfer = Transfer {
+    /// A bulk IN of `length` bytes on endpoint 0x81.
+    fn read_transfer(length: u32) -> Transfer {
+        Transfer {
             handle: 1,
             endpoint: 0x81,
             setup: None,
-            data: TransferData::In { length: 512 },
+            data: TransferData::In { length },
             flags: Default::default(),
             timeout_ms: None,
-        };
+        }
+    }
+
+    #[test]
+    fn rounded_up_in_buffers_pass_on_only_the_requested_length() {
+        let transfer = read_transfer(512);
         let filled = Buffer::from(vec![7u8; 1024]);
         let Ok(Reply::Transferred(done)) = finish(&transfer, filled, 1024, Ok(())) else {
             panic!("a completed transfer");
@@ -1281,14 +1286,7 @@ mod tests {
 
     #[test]
     fn failed_transfers_pass_on_what_moved() {
-        let read = Transfer {
-            handle: 1,
-            endpoint: 0x81,
-            setup: None,
-            data: TransferData::In { length: 1024 },
-            flags: Default::default(),
-            timeout_ms: None,
-        };
+        let read = read_transfer(1024);
         let buffer = || Buffer::from(vec![7u8; 1024]);
         match finish(&read, buffer(), 512, Err(TransferError::Stall)) {
             Ok(Reply::PartlyTransferred { error, completion }) => {
