@@ -23,9 +23,6 @@ pub use p2p_usb_common::gadget::zero::{
 /// Bytes the loopback buffers before OUT transfers have to wait (NAK).
 pub const LOOPBACK_CAPACITY: usize = 4 * 1024 * 1024;
 
-/// `wMaxPacketSize` of the bulk endpoints (high speed).
-const BULK_MAX_PACKET: usize = 512;
-
 const STRINGS: [&str; 5] = [
     "p2p-usb simulator",
     "Gadget Zero",
@@ -289,14 +286,6 @@ impl Zero {
                 }
                 self.looped_bytes += bytes.len();
                 self.looped.push_back(bytes.clone());
-                if transfer.flags.zero_packet
-                    && !bytes.is_empty()
-                    && bytes.len() % BULK_MAX_PACKET == 0
-                {
-                    // The host ends a transfer of whole packets with a
-                    // zero-length packet; the loopback sends it back as one.
-                    self.looped.push_back(Bytes::new());
-                }
                 Poll::Ready(Ok(Completion {
                     actual_length: bytes.len() as u32,
                     data: Bytes::new(),
@@ -377,24 +366,6 @@ mod tests {
         assert_eq!(&read(&mut zero, 512)[..], b"", "zero-length packet kept");
         assert_eq!(&read(&mut zero, 2)[..], b"de");
         assert_eq!(&read(&mut zero, 512)[..], b"fgh");
-    }
-
-    #[test]
-    fn loopback_returns_the_zero_length_packet_a_host_adds() {
-        let mut zero = Zero::default();
-        let mut whole = t(TransferData::Out(Bytes::from(vec![1u8; 1024])));
-        whole.flags.zero_packet = true;
-        let mut partial = t(TransferData::Out(Bytes::from(vec![2u8; 100])));
-        partial.flags.zero_packet = true;
-        assert!(zero.data(CONFIG_LOOPBACK, &whole).is_ready());
-        assert!(zero.data(CONFIG_LOOPBACK, &partial).is_ready());
-        let mut read = || match zero.data(CONFIG_LOOPBACK, &t(TransferData::In { length: 4096 })) {
-            Poll::Ready(Ok(c)) => c.data.len(),
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(read(), 1024);
-        assert_eq!(read(), 0, "whole packets: the ZLP follows");
-        assert_eq!(read(), 100, "a short last packet ends the transfer alone");
     }
 
     #[test]
