@@ -37,10 +37,10 @@ pub mod zero {
         pub const DELAY_COMPLETIONS: u8 = 0xe2;
         /// Vendor OUT, wValue = seconds: hang the simulated USB thread (a stuck USB stack).
         pub const FREEZE: u8 = 0xe3;
-        /// Vendor OUT, wValue = bytes, wIndex = endpoint address: the next
-        /// transfer on that endpoint moves at most that many bytes, then the
-        /// endpoint stalls (a device ending a data phase early, as a
-        /// mass-storage device may with a short answer).
+        /// Vendor OUT, wValue = bytes, wIndex = endpoint address: if the
+        /// next transfer on that endpoint asks for more, the device moves
+        /// that many bytes and then stalls (a device ending a data phase
+        /// early); what it did not move stays for later.
         pub const STALL_AFTER: u8 = 0xe4;
         /// `bmRequestType` of a vendor, device-recipient, host-to-device request.
         pub const VENDOR_OUT: u8 = 0x40;

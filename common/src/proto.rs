@@ -91,8 +91,9 @@ pub enum Request {
     Close { handle: Handle },
     /// Queues one transfer; answered when it completes, fails or is cancelled.
     Submit(Transfer),
-    /// Cancels the in-flight `Submit` with this request id. Its own reply is
-    /// `Done`; the cancelled transfer still gets exactly one reply of its own.
+    /// Cancels the `Submit` (or a device operation still waiting its turn)
+    /// with this request id. Its own reply is `Done`; the cancelled request
+    /// still gets exactly one reply of its own.
     Cancel { request: RequestId },
     /// SET_CONFIGURATION, done the way the host's USB core does it.
     SetConfiguration { handle: Handle, value: u8 },

@@ -498,6 +498,37 @@ fn direct_device_operations_wait_behind_the_submits_before_them() {
     );
 }
 
+#[test]
+fn a_reset_gets_through_while_reads_hold_the_whole_budget() {
+    let helper = start_activated_helper("", None);
+    let mut peer = greeted_by_hand(&helper.socket);
+    let handle = open_loopback_by_hand(&mut peer);
+    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
+    let budget_reads = (p2p_usb_helper::server::IN_FLIGHT_BUDGET / max as usize) as u64;
+    for id in 100..100 + budget_reads {
+        send_request(
+            &mut peer,
+            id,
+            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
+        );
+    }
+    // A device operation holds no budget: it runs, and ends the reads.
+    send_request(&mut peer, 200, Request::Reset { handle });
+    let mut replies = Vec::new();
+    while replies.len() < budget_reads as usize + 1 {
+        match read_message(&mut peer) {
+            Some(Message::Reply { id, body }) => replies.push((id, body)),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+    replies.sort_by_key(|(id, _)| *id);
+    let mut expected: Vec<_> = (100..100 + budget_reads)
+        .map(|id| (id, Err(UsbError::Cancelled)))
+        .collect();
+    expected.push((200, Ok(Reply::Done)));
+    assert_eq!(replies, expected);
+}
+
 /// Sends one request, framed by hand.
 fn send_request(peer: &mut std::os::unix::net::UnixStream, id: u64, body: Request) {
     peer.write_all(&request_frame(id, body)).unwrap();

@@ -235,6 +235,13 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
         (EPIPE, 1000, 1000)
     );
     assert!(partial.data.iter().all(|&b| b == 3));
+    // The rest stays in the device, for the first read after the halt.
+    clear_halt_in(&device).await;
+    let rest = device
+        .transfer(zero::EP_IN, UrbData::In(4096), 0)
+        .await
+        .unwrap();
+    assert_eq!((rest.status, rest.data.len()), (0, 1000));
 
     stall_in(&device).await;
     assert_eq!(
@@ -245,20 +252,7 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
             .status,
         EPIPE
     );
-    let cleared = device
-        .control(
-            0x02,
-            std_request::CLEAR_FEATURE,
-            0,
-            zero::EP_IN.into(),
-            UrbData::Out(Bytes::new()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        cleared.status, 0,
-        "CLEAR_FEATURE(HALT) mapped to the real operation"
-    );
+    clear_halt_in(&device).await;
     assert_eq!(
         loop_back(&device, b"after clear").await,
         (0, b"after clear".to_vec())
@@ -281,6 +275,24 @@ async fn zero_length_packets_flags_stalls_and_isochronous() {
     assert_eq!(
         loop_back(&device, b"after reset").await,
         (0, b"after reset".to_vec())
+    );
+}
+
+/// CLEAR_FEATURE(ENDPOINT_HALT) on the IN endpoint, as a host sends it.
+async fn clear_halt_in(device: &Imported) {
+    let cleared = device
+        .control(
+            0x02,
+            std_request::CLEAR_FEATURE,
+            0,
+            zero::EP_IN.into(),
+            UrbData::Out(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        cleared.status, 0,
+        "CLEAR_FEATURE(HALT) mapped to the real operation"
     );
 }
 

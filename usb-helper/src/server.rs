@@ -384,7 +384,7 @@ impl<'a> Connection<'a> {
                 let Some(device) = self.devices.get(&handle).cloned() else {
                     return self.reply(id, Err(unknown_handle(handle))).await;
                 };
-                self.enqueue(id, Work::Operation(request), device, 1).await;
+                self.enqueue(id, Work::Operation(request), device, 0).await;
             }
         }
     }
@@ -435,10 +435,11 @@ impl<'a> Connection<'a> {
         let Some(device) = self.devices.get(&transfer.handle).cloned() else {
             return self.reply(id, Err(unknown_handle(transfer.handle))).await;
         };
-        // The USB core's own requests (SET_CONFIGURATION, …) cost next to
-        // nothing but still keep their place behind submits waiting for budget.
+        // The USB core's own requests (SET_CONFIGURATION, …) hold no
+        // budget (a reset must get through while reads hold all of it) but
+        // still keep their place behind submits waiting for budget.
         let cost = if special_request(&transfer).is_some() {
-            1
+            0
         } else {
             budget_cost(&transfer.data)
         };
@@ -461,7 +462,7 @@ impl<'a> Connection<'a> {
                 .reply(
                     id,
                     Err(UsbError::Busy(format!(
-                        "more than {WAITING_SUBMITS} transfers or {} MiB wait for the in-flight budget",
+                        "more than {WAITING_SUBMITS} requests or {} MiB wait for the in-flight budget",
                         WAITING_BYTES >> 20
                     ))),
                 )

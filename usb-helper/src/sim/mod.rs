@@ -36,7 +36,8 @@ use crate::transfer::{self, ReplySink};
 pub enum Effect {
     /// Halt this endpoint address.
     Stall(u8),
-    /// Let the next transfer on `endpoint` move at most `bytes`, then halt it.
+    /// Let the next transfer on `endpoint` move at most `bytes`, and halt the
+    /// endpoint if that cut it short.
     StallAfter { endpoint: u8, bytes: usize },
     /// Unplug, replug after this many milliseconds.
     Unplug(u64),
@@ -380,24 +381,36 @@ impl Unit {
         for ep in endpoints {
             while let Some(queue) = self.queues.get_mut(&ep) {
                 let Some(head) = queue.front() else { break };
+                // An armed cut lets the device move only `limit` bytes of a
+                // transfer that asks for more.
+                let limit = self
+                    .stall_after
+                    .get(&ep)
+                    .map(|&limit| limit as u32)
+                    .filter(|&limit| limit < head.transfer.data.len());
                 let result = if self.halted.contains(&ep) {
                     Poll::Ready(Err(UsbError::Stall))
                 } else {
+                    let limited = limit.map(|limit| limited_to(&head.transfer, limit));
+                    let transfer = limited.as_ref().unwrap_or(&head.transfer);
                     match &mut self.behaviour {
-                        Behaviour::Zero(z) => z.data(config, &head.transfer),
-                        Behaviour::Keyboard(k) => k.data(&head.transfer, now),
+                        Behaviour::Zero(z) => z.data(config, transfer),
+                        Behaviour::Keyboard(k) => k.data(transfer, now),
                     }
                 };
                 let Poll::Ready(result) = result else { break };
                 let pending = queue.pop_front().expect("head exists");
                 let result = match result {
-                    Ok(completion) => match self.stall_after.remove(&ep) {
-                        Some(limit) => {
+                    Ok(completion) => {
+                        let armed = self.stall_after.remove(&ep).is_some();
+                        if armed && Some(completion.actual_length) == limit {
+                            // Cut off before the end: the endpoint halts.
                             self.halted.insert(ep);
-                            Reply::transfer_failed(UsbError::Stall, cut(completion, limit))
+                            Reply::transfer_failed(UsbError::Stall, completion)
+                        } else {
+                            transfer::answer(&pending.transfer, completion)
                         }
-                        None => transfer::answer(&pending.transfer, completion),
-                    },
+                    }
                     Err(e) => Err(e),
                 };
                 self.deliver(ep, pending.reply, result);
@@ -747,22 +760,21 @@ fn set_interface(unit: &mut Unit, interface: u8, alt: u8) -> Result<(), UsbError
     unit.fail_pending(UsbError::Cancelled, Some(&endpoints));
     for ep in &endpoints {
         unit.halted.remove(ep);
+        unit.stall_after.remove(ep);
     }
     unit.alts.insert(interface, alt);
     Ok(())
 }
 
-/// What a transfer moved before a device cut it off after `limit` bytes.
-fn cut(completion: Completion, limit: usize) -> Completion {
-    let actual = (completion.actual_length as usize).min(limit);
-    let data = if completion.data.is_empty() {
-        completion.data
-    } else {
-        completion.data.slice(..actual.min(completion.data.len()))
+/// `transfer` asking for (or carrying) no more than `limit` bytes.
+fn limited_to(transfer: &Transfer, limit: u32) -> Transfer {
+    let data = match &transfer.data {
+        TransferData::In { .. } => TransferData::In { length: limit },
+        TransferData::Out(bytes) => TransferData::Out(bytes.slice(..limit as usize)),
     };
-    Completion {
-        actual_length: actual as u32,
+    Transfer {
         data,
+        ..transfer.clone()
     }
 }
 

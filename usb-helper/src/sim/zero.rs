@@ -193,6 +193,8 @@ pub fn string(index: u8) -> Option<&'static str> {
 #[derive(Debug, Default)]
 pub struct Zero {
     /// Loopback: OUT transfers waiting to be read back, boundaries kept.
+    /// Each OUT transfer counts as ended, as a short packet or the
+    /// zero-length packet of URB_ZERO_PACKET ends it on a real bus.
     looped: VecDeque<Bytes>,
     looped_bytes: usize,
     /// The control test buffer of requests 0x5b/0x5c.
