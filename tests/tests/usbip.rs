@@ -7,8 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
 use p2p_usb_agent::usbip::proto::{
-    CmdSubmit, OpHeader, ST_DEV_BUSY, ST_NODEV, URB_SHORT_NOT_OK, URB_ZERO_PACKET, USBIP_DIR_IN,
-    UrbHeader,
+    CmdSubmit, CmdUnlink, OpHeader, ST_DEV_BUSY, ST_NODEV, URB_SHORT_NOT_OK, URB_ZERO_PACKET,
+    USBIP_DIR_IN, UrbHeader,
 };
 use p2p_usb_common::gadget::{keyboard, zero};
 use p2p_usb_common::proto::{UsbError, std_request};
@@ -465,6 +465,39 @@ async fn an_oversized_urb_is_refused_alone() {
         .await
         .unwrap();
     assert_eq!((after.status, after.actual_length), (0, 64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_answers_is_not_buffered_for() {
+    let setup = GatewayUnderTest::start().await;
+    let busid = setup.busid(zero::VID, zero::PID).await;
+    let mut stream = import_raw(setup.gateway, &busid).await;
+    // Unlinks of URBs that never were: the gateway answers each itself.
+    let burst: Vec<u8> = (0..1024u32)
+        .flat_map(|seqnum| {
+            UrbHeader::Unlink(CmdUnlink {
+                seqnum,
+                devid: 0,
+                direction: 0,
+                ep: 0,
+                unlink_seqnum: seqnum + 1_000_000,
+            })
+            .encode()
+        })
+        .collect();
+    let limit = 64 << 20;
+    let mut written = 0;
+    while written < limit {
+        match tokio::time::timeout(Duration::from_millis(500), stream.write_all(&burst)).await {
+            Ok(result) => written += result.map(|()| burst.len()).unwrap(),
+            // Not read any more: the answers nobody reads are not piling up.
+            Err(_) => break,
+        }
+    }
+    assert!(
+        written < limit,
+        "the gateway took {written} bytes of unlinks whose answers were never read"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,7 +100,9 @@ where
     let reader = BufReader::with_capacity(READ_BUFFER_CAPACITY, reader);
     let mut batch: Vec<Bytes> = Vec::new();
     let pending: Arc<Mutex<Pending>> = Arc::default();
-    let (to_writer, mut from_reader) = mpsc::unbounded_channel::<Outgoing>();
+    // Bounded: a client that sends unlinks and refused URBs but does not
+    // read the answers is stopped being read, not buffered for.
+    let (to_writer, mut from_reader) = mpsc::channel::<Outgoing>(REPLY_QUEUE);
     let (replies, mut completions) = mpsc::unbounded_channel();
     let mut reader_task = tokio::spawn(read_loop(
         reader,
@@ -170,6 +172,10 @@ enum Ready {
     Reply(Outgoing),
 }
 
+/// Answers the reader makes itself (refusals, RET_UNLINK of finished URBs)
+/// waiting for the writer, at most.
+const REPLY_QUEUE: usize = 1024;
+
 /// URBs sent to the server with one write at most.
 const MAX_URB_BATCH: usize = 64;
 
@@ -179,7 +185,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     handle: Handle,
     pending: Arc<Mutex<Pending>>,
     replies: Replies,
-    to_writer: mpsc::UnboundedSender<Outgoing>,
+    to_writer: mpsc::Sender<Outgoing>,
 ) -> EndReason {
     let mut header = [0u8; URB_HEADER_LEN];
     // Submits already read, sent together once no further URB is buffered.
@@ -202,7 +208,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 match transfer {
                     Ok(transfer) => batch.push((cmd, transfer)),
                     Err(refusal) => {
-                        let _ = to_writer.send(refusal);
+                        let _ = to_writer.send(refusal).await;
                     }
                 }
             }
@@ -210,7 +216,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // The URB it names may be in the batch: send that first.
                 submit(&session, &pending, &replies, std::mem::take(&mut batch)).await;
                 if let Some(reply) = unlink(&session, &pending, cmd).await {
-                    let _ = to_writer.send(reply);
+                    let _ = to_writer.send(reply).await;
                 }
             }
             other => {
