@@ -26,6 +26,7 @@ use crate::net::{self, NetError, close};
 pub use crate::paths::AgentPaths;
 use crate::paths::Scope;
 use crate::policy::{Policy, PolicyError, PolicyLoadError};
+use crate::print_line;
 use crate::session;
 
 /// How long start-up waits for the helper before reporting READY anyway,
@@ -362,12 +363,6 @@ async fn log_ticket(endpoint: Endpoint) {
     })
     .await;
     print_line(&format!("Ticket: {}", net::ticket(&endpoint)));
-}
-
-/// One line to standard output, where `println!` would panic if it is closed.
-fn print_line(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 async fn accept_loop(agent: Arc<Agent>) {

@@ -19,9 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use p2p_usb_common::proto::{DeviceInfo, DeviceKey, UsbError};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Client, ClientError};
+use crate::print_line;
 use crate::usbip::gateway::Remote;
 use crate::usbip::proto::UsbDevice;
 use crate::usbip::urbs::{self, EndReason, RemoteDevice};
@@ -30,6 +32,9 @@ use crate::vhci::{self, VhciError};
 
 /// How long a device that left the server is waited for.
 pub const RETURN_WAIT: Duration = Duration::from_secs(60);
+/// How long the server may take to open a device (resetting it and claiming
+/// its interfaces included) before the attempt counts as timed out.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
@@ -76,24 +81,39 @@ pub async fn run(
     let remote = Remote::new(client.clone(), client.resolve(server)?);
     let root = vhci::default_root();
     // The first attach must succeed as asked; later ones go by stable key.
-    let (session, events) = remote.session().await?;
-    let devices = client::list_devices(&session)
+    let Some(first) = stop.run_until_cancelled(remote.session()).await else {
+        return Ok(());
+    };
+    let (session, events) = first?;
+    let Some(devices) = stop
+        .run_until_cancelled(client::list_devices(&session))
         .await
-        .map_err(ClientError::from)?;
+    else {
+        return Ok(());
+    };
+    let devices = devices.map_err(ClientError::from)?;
     let key = client::pick_device(&devices, device)?.key.clone();
     let mut opened = Some((session, events));
     let mut backoff = BACKOFF_START;
+    // Not reset by a successful attach: a kernel stream that keeps failing
+    // the same way is not attached again and again without a pause.
+    let mut stream_backoff = BACKOFF_START;
     // Once the device has been attached, failures to open it again that can
     // pass (the server still releasing it from the lost session, a helper
     // restarting) are waited out; before that, they are the answer.
     let mut attached_before = false;
+    // Since when the attached device has been missing: the wait for its
+    // return counts from there, however often it is listed but cannot be
+    // opened meanwhile.
+    let mut gone_since: Option<Instant> = None;
     loop {
         let (session, events) = match opened.take() {
             Some(opened) => opened,
-            None => match remote.session().await {
-                Ok(opened) => opened,
-                Err(e @ ClientError::NotApproved { .. }) => return Err(e.into()),
-                Err(e) => {
+            None => match stop.run_until_cancelled(remote.session()).await {
+                None => return Ok(()),
+                Some(Ok(opened)) => opened,
+                Some(Err(e @ ClientError::NotApproved { .. })) => return Err(e.into()),
+                Some(Err(e)) => {
                     tracing::warn!(device = %key, "reconnecting in {backoff:?}: {e}");
                     if !back_off(&mut backoff, &stop).await {
                         return Ok(());
@@ -102,11 +122,26 @@ pub async fn run(
                 }
             },
         };
-        let info = match open(&session, &key).await {
-            Ok(info) => info,
-            Err(OpenError::Gone) => {
+        let opening = tokio::time::timeout(OPEN_TIMEOUT, open(&session, &key));
+        let result = match stop.run_until_cancelled(opening).await {
+            None => {
                 session.close();
-                if !wait_for_return(&remote, &key, &stop).await? {
+                return Ok(());
+            }
+            Some(Err(_elapsed)) => Err(OpenError::Failed(UsbError::Timeout)),
+            Some(Ok(result)) => result,
+        };
+        let info = match result {
+            Ok(info) => info,
+            Err(OpenError::Gone(e)) if attached_before => {
+                session.close();
+                let since = *gone_since.get_or_insert_with(Instant::now);
+                tracing::warn!(device = %key, "cannot open it again ({e}); waiting for it");
+                // Listed but not openable (still re-enumerating, say): a
+                // pause before trying again, and no longer than the wait.
+                if !back_off(&mut backoff, &stop).await
+                    || !wait_for_return(&remote, &key, since + RETURN_WAIT, &stop).await?
+                {
                     return Ok(());
                 }
                 continue;
@@ -119,13 +154,19 @@ pub async fn run(
                 }
                 continue;
             }
-            Err(OpenError::Failed(e)) => {
+            Err(OpenError::Gone(e) | OpenError::Failed(e)) => {
                 session.close();
                 return Err(ClientError::Usb(e).into());
             }
         };
+        if stop.is_cancelled() {
+            // Stopped while the device was being opened: not attached at all.
+            session.close();
+            return Ok(());
+        }
         backoff = BACKOFF_START;
         attached_before = true;
+        gone_since = None;
         let (handle, info) = info;
         let usbip = usbip_device(&info, remote.label());
         let (ours, kernels) =
@@ -140,11 +181,11 @@ pub async fn run(
         drop(kernels);
         let record = write_record(port.port, &remote, &key, &usbip);
         tracing::info!(device = %key, port = port.port, "attached {} at vhci port {}", info.display_name(), port.port);
-        println!(
+        print_line(&format!(
             "attached {key} ({}) at vhci port {}",
             info.display_name(),
             port.port
-        );
+        ));
         ours.set_nonblocking(true).map_err(AttachError::Socket)?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(AttachError::Socket)?;
         let reason = urbs::serve(
@@ -164,31 +205,38 @@ pub async fn run(
         tracing::info!(device = %key, port = port.port, "detached: {reason}");
         match reason {
             EndReason::ClientClosed | EndReason::Stopped => {
-                println!("detached {key} from vhci port {}", port.port);
+                print_line(&format!("detached {key} from vhci port {}", port.port));
                 return Ok(());
             }
             EndReason::DeviceGone => {
-                println!("{key} left the server; detached, waiting for it to come back");
-                if !wait_for_return(&remote, &key, &stop).await? {
+                print_line(&format!(
+                    "{key} left the server; detached, waiting for it to come back"
+                ));
+                let since = *gone_since.insert(Instant::now());
+                if !wait_for_return(&remote, &key, since + RETURN_WAIT, &stop).await? {
                     return Ok(());
                 }
             }
             EndReason::LinkLost(reason) => {
-                println!(
+                print_line(&format!(
                     "lost the server ({reason}); detached {key}, re-attaching when it is back"
-                );
+                ));
             }
             EndReason::Protocol(reason) => {
-                println!(
-                    "the kernel's USB/IP stream could not be read ({reason}); detached {key}, attaching it again"
-                );
+                print_line(&format!(
+                    "the kernel's USB/IP stream could not be read ({reason}); detached {key}, attaching it again in {stream_backoff:?}"
+                ));
+                if !back_off(&mut stream_backoff, &stop).await {
+                    return Ok(());
+                }
             }
         }
     }
 }
 
 enum OpenError {
-    Gone,
+    /// The device is not there to open (not listed, not shared, unplugged).
+    Gone(UsbError),
     Failed(UsbError),
 }
 
@@ -199,7 +247,9 @@ async fn open(
     client::open_device(session, key)
         .await
         .map_err(|e| match e {
-            UsbError::NotFound(_) | UsbError::NotShared(_) | UsbError::NoDevice => OpenError::Gone,
+            UsbError::NotFound(_) | UsbError::NotShared(_) | UsbError::NoDevice => {
+                OpenError::Gone(e)
+            }
             e => OpenError::Failed(e),
         })
 }
@@ -225,16 +275,20 @@ fn passing(error: &UsbError) -> bool {
     )
 }
 
-/// Polls the server until the device is listed again; false if stopped.
+/// Polls the server until the device is listed again, until `deadline`;
+/// false if stopped.
 async fn wait_for_return(
     remote: &Remote,
     key: &DeviceKey,
+    deadline: Instant,
     stop: &CancellationToken,
 ) -> Result<bool, AttachError> {
-    let deadline = tokio::time::Instant::now() + RETURN_WAIT;
     let mut last = String::new();
-    while tokio::time::Instant::now() < deadline {
-        match remote.session().await {
+    while Instant::now() < deadline {
+        let Some(connected) = stop.run_until_cancelled(remote.session()).await else {
+            return Ok(false);
+        };
+        match connected {
             Ok((session, _events)) => {
                 let listed = client::list_devices(&session).await;
                 session.close();

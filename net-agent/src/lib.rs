@@ -18,3 +18,10 @@ mod quic_writer;
 mod session;
 pub mod usbip;
 pub mod vhci;
+
+/// One line to standard output, where `println!` would panic if it is
+/// closed (a pipe whose reader left): long-running commands keep going.
+pub(crate) fn print_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
