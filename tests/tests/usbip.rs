@@ -8,7 +8,7 @@ use bytes::Bytes;
 use p2p_usb_agent::usbip::client::{self as usbip, Imported, UrbData};
 use p2p_usb_agent::usbip::proto::{
     CmdSubmit, CmdUnlink, OpHeader, ST_DEV_BUSY, ST_NODEV, URB_SHORT_NOT_OK, URB_ZERO_PACKET,
-    USBIP_DIR_IN, UrbHeader,
+    USBIP_DIR_IN, USBIP_DIR_OUT, UrbHeader,
 };
 use p2p_usb_common::gadget::{keyboard, zero};
 use p2p_usb_common::proto::{UsbError, std_request};
@@ -379,6 +379,44 @@ async fn isochronous_urbs_are_refused_with_their_packets_echoed() {
             ENOSYS
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seqnum_reused_while_pending_ends_the_connection() {
+    let setup = GatewayUnderTest::start().await;
+    let busid = setup.busid(zero::VID, zero::PID).await;
+    let mut stream = import_raw(setup.gateway, &busid).await;
+    let urb = |seqnum, ep, direction, setup, length| {
+        UrbHeader::Submit(CmdSubmit {
+            seqnum,
+            direction,
+            ep,
+            transfer_buffer_length: length,
+            setup,
+            ..CmdSubmit::default()
+        })
+        .encode()
+    };
+    // SET_CONFIGURATION(loopback): reads of the empty loopback stay pending.
+    let configure = [0x00, 0x09, zero::CONFIG_LOOPBACK, 0, 0, 0, 0, 0];
+    stream
+        .write_all(&urb(1, 0, USBIP_DIR_OUT, configure, 0))
+        .await
+        .unwrap();
+    let mut header = [0u8; 48];
+    stream.read_exact(&mut header).await.unwrap();
+    assert!(matches!(
+        UrbHeader::decode(&header).unwrap(),
+        UrbHeader::RetSubmit(ret) if (ret.seqnum, ret.status) == (1, 0)
+    ));
+    let read = urb(2, 1, USBIP_DIR_IN, [0; 8], 512);
+    stream.write_all(&read).await.unwrap();
+    stream.write_all(&read).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("the gateway ends the connection");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

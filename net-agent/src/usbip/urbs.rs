@@ -200,6 +200,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         match parsed {
             UrbHeader::Submit(cmd) => {
+                // vhci_hcd never reuses a seqnum while its URB is pending; a
+                // client that does would have unlinks and replies mixed up.
+                let reused = batch.iter().any(|(queued, _)| queued.seqnum == cmd.seqnum)
+                    || pending
+                        .lock()
+                        .expect("pending lock")
+                        .by_seqnum
+                        .contains_key(&cmd.seqnum);
+                if reused {
+                    return EndReason::Protocol(format!(
+                        "seqnum {} reused while its URB is pending",
+                        cmd.seqnum
+                    ));
+                }
                 let transfer = match read_submit_payload(&mut reader, &cmd).await {
                     Ok(Ok(out)) => transfer_for(handle, &cmd, out),
                     Ok(Err(refusal)) => Err(refusal),
