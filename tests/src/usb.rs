@@ -99,7 +99,33 @@ pub async fn run(link: &LinkClient, t: Transfer) -> Result<Completion, UsbError>
     start(link, t).await.1.await
 }
 
-/// A control transfer on endpoint 0.
+/// A control transfer on endpoint 0, to submit.
+pub fn control_transfer(
+    handle: Handle,
+    request_type: u8,
+    request: u8,
+    value: u16,
+    index: u16,
+    data: TransferData,
+) -> Transfer {
+    let setup = SetupPacket {
+        request_type,
+        request,
+        value,
+        index,
+        length: data.len() as u16,
+    };
+    Transfer {
+        handle,
+        endpoint: if setup.is_in() { 0x80 } else { 0x00 },
+        setup: Some(setup),
+        data,
+        flags: TransferFlags::default(),
+        timeout_ms: Some(5000),
+    }
+}
+
+/// Runs a control transfer on endpoint 0.
 pub async fn control(
     link: &LinkClient,
     handle: Handle,
@@ -109,25 +135,8 @@ pub async fn control(
     index: u16,
     data: TransferData,
 ) -> Result<Completion, UsbError> {
-    let setup = SetupPacket {
-        request_type,
-        request,
-        value,
-        index,
-        length: data.len() as u16,
-    };
-    run(
-        link,
-        Transfer {
-            handle,
-            endpoint: if setup.is_in() { 0x80 } else { 0x00 },
-            setup: Some(setup),
-            data,
-            flags: TransferFlags::default(),
-            timeout_ms: Some(5000),
-        },
-    )
-    .await
+    let t = control_transfer(handle, request_type, request, value, index, data);
+    run(link, t).await
 }
 
 /// A standard SET_CONFIGURATION, sent as the control transfer a host sends

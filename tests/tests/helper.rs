@@ -15,7 +15,7 @@ use p2p_usb_common::proto::{
     UsbError, std_request,
 };
 use p2p_usb_helper::sim::{keyboard, zero};
-use p2p_usb_tests::usb::{self, control, input, out, transfer};
+use p2p_usb_tests::usb::{self, control, control_transfer, input, out, transfer};
 use p2p_usb_tests::*;
 use rand::{Rng, RngCore};
 use tokio::sync::mpsc;
@@ -527,6 +527,51 @@ fn a_reset_gets_through_while_reads_hold_the_whole_budget() {
         .collect();
     expected.push((200, Ok(Reply::Done)));
     assert_eq!(replies, expected);
+}
+
+#[test]
+fn transfers_after_a_device_operation_wait_until_it_is_done() {
+    let helper = start_activated_helper("", None);
+    let mut peer = greeted_by_hand(&helper.socket);
+    let handle = open_zero_by_hand(&mut peer);
+    let halt = control_transfer(
+        handle,
+        zero::control::VENDOR_OUT,
+        zero::control::STALL_ENDPOINT,
+        zero::EP_IN.into(),
+        0,
+        out(Bytes::new()),
+    );
+    send_request(&mut peer, 3, Request::Submit(halt));
+    assert!(matches!(
+        read_message(&mut peer),
+        Some(Message::Reply { id: 3, body: Ok(_) })
+    ));
+    // A pipelining client: the clear and the read behind it in one write.
+    let mut burst = request_frame(
+        4,
+        Request::ClearHalt {
+            handle,
+            endpoint: zero::EP_IN,
+        },
+    );
+    burst.extend(request_frame(
+        5,
+        Request::Submit(transfer(handle, zero::EP_IN, input(512))),
+    ));
+    peer.write_all(&burst).unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        match read_message(&mut peer) {
+            Some(Message::Reply { id, body }) => replies.push((id, body)),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+    assert_eq!(replies[0], (4, Ok(Reply::Done)));
+    match &replies[1] {
+        (5, Ok(Reply::Transferred(read))) => assert_eq!(read.actual_length, 512),
+        other => panic!("the read ran before the halt was cleared: {other:?}"),
+    }
 }
 
 /// Sends one request, framed by hand.

@@ -214,6 +214,12 @@ struct Connection<'a> {
     /// wait forever behind a helper that stopped reading.
     waiting: VecDeque<Waiting>,
     waiting_bytes: usize,
+    /// A device operation is running: what comes after it waits until it
+    /// is done, as usbip-host carries out SET_CONFIGURATION, SET_INTERFACE
+    /// and resets before it reads the next URB.
+    operating: bool,
+    /// Told when the running operation is done.
+    operation_done: mpsc::UnboundedSender<()>,
     shutdown: CancellationToken,
 }
 
@@ -264,6 +270,7 @@ impl<'a> Connection<'a> {
             return format!("handshake failed: {e}");
         }
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
+        let (operation_done, mut operations_done) = mpsc::unbounded_channel();
         let writer_closed = CancellationToken::new();
         let writer_task = tokio::spawn(link::write_loop(
             FrameWriter::new(writer.into_inner()),
@@ -284,15 +291,22 @@ impl<'a> Connection<'a> {
             budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)),
             waiting: VecDeque::new(),
             waiting_bytes: 0,
+            operating: false,
+            operation_done,
             shutdown: shutdown.clone(),
         };
         let budget = conn.budget.clone();
         let reason = loop {
-            let next_cost = conn.waiting.front().map(|w| w.cost);
+            let next_cost = conn
+                .waiting
+                .front()
+                .filter(|_| !conn.operating)
+                .map(|w| w.cost);
             tokio::select! {
                 Ok(permit) = budget.clone().acquire_many_owned(next_cost.unwrap_or(1)), if next_cost.is_some() => {
                     conn.submit_waiting(permit);
                 }
+                Some(()) = operations_done.recv() => conn.operating = false,
                 frame = reader.next() => match frame {
                     None => break "closed by peer".to_string(),
                     Some(Err(e)) => break format!("closing: {e}"),
@@ -447,10 +461,11 @@ impl<'a> Connection<'a> {
             .await;
     }
 
-    /// Starts `work` if nothing waits before it and the budget allows;
-    /// otherwise it waits its turn.
+    /// Starts `work` if nothing waits or runs before it and the budget
+    /// allows; otherwise it waits its turn.
     async fn enqueue(&mut self, id: RequestId, mut work: Work, device: Arc<Device>, cost: u32) {
         if self.waiting.is_empty()
+            && !self.operating
             && let Ok(permit) = self.budget.clone().try_acquire_many_owned(cost)
         {
             return self.start(id, work, device, permit);
@@ -490,7 +505,13 @@ impl<'a> Connection<'a> {
     /// real operation, as in usbip-host (passing it through raw would
     /// desynchronise the host's view of the device); any other transfer goes
     /// to the device.
-    fn start(&self, id: RequestId, work: Work, device: Arc<Device>, permit: OwnedSemaphorePermit) {
+    fn start(
+        &mut self,
+        id: RequestId,
+        work: Work,
+        device: Arc<Device>,
+        permit: OwnedSemaphorePermit,
+    ) {
         let (request, done) = match work {
             Work::Transfer(transfer) => match special_request(&transfer) {
                 Some(request) => (request, Reply::Transferred(Completion::default())),
@@ -501,19 +522,24 @@ impl<'a> Connection<'a> {
             },
             Work::Operation(request) => (request, Reply::Done),
         };
+        self.operating = true;
         let outgoing = self.outgoing.clone();
+        let operation_done = self.operation_done.clone();
         tokio::spawn(async move {
             let body = device_operation(&device, &request).await.map(|()| done);
             drop(permit);
             let _ = outgoing.send(Message::Reply { id, body }.into()).await;
+            let _ = operation_done.send(());
         });
     }
 
     /// Starts the first waiting transfer with the budget it waited for, and
-    /// those after it that fit now.
+    /// those after it that fit now, up to an operation.
     fn submit_waiting(&mut self, permit: OwnedSemaphorePermit) {
         let mut permit = Some(permit);
-        while let Some(next) = self.waiting.front() {
+        while !self.operating
+            && let Some(next) = self.waiting.front()
+        {
             let permit = match permit.take() {
                 Some(permit) => permit,
                 None => match self.budget.clone().try_acquire_many_owned(next.cost) {
@@ -729,6 +755,8 @@ mod tests {
             budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)),
             waiting: VecDeque::new(),
             waiting_bytes: 0,
+            operating: false,
+            operation_done: mpsc::unbounded_channel().0,
             shutdown: CancellationToken::new(),
         };
         let key = helper
