@@ -57,8 +57,17 @@ impl Hello {
         Hello {
             version: PROTOCOL_VERSION,
             software: format!("{software} {}", env!("CARGO_PKG_VERSION")),
-            capabilities: vec![CAP_HOTPLUG.into(), CAP_CANCEL.into()],
+            capabilities: vec![
+                CAP_HOTPLUG.into(),
+                CAP_CANCEL.into(),
+                CAP_PARTIAL_TRANSFERS.into(),
+            ],
         }
+    }
+
+    /// True if the sender named `capability` in its hello.
+    pub fn supports(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
     }
 
     /// Checks that the peer's hello is one this build can talk to.
@@ -78,6 +87,9 @@ impl Hello {
 pub const CAP_HOTPLUG: &str = "hotplug";
 /// Capability: `Cancel` really cancels in-flight transfers.
 pub const CAP_CANCEL: &str = "cancel";
+/// Capability: the sender reads `Reply::PartlyTransferred`. A peer that does
+/// not name it gets the error alone for a transfer that failed part way.
+pub const CAP_PARTIAL_TRANSFERS: &str = "partial-transfers";
 
 /// What one side asks of the other.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,7 +167,8 @@ pub enum Reply {
     /// some packets, an OUT cut short by an error. usbip-host passes on both
     /// the error and what moved (a mass-storage data phase that ends in a
     /// stall still delivers its data), so this does too. A transfer that
-    /// failed before moving anything is an `Err(UsbError)`.
+    /// failed before moving anything is an `Err(UsbError)`. Sent only to
+    /// peers that name [`CAP_PARTIAL_TRANSFERS`].
     PartlyTransferred {
         error: UsbError,
         completion: Completion,

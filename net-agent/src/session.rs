@@ -22,7 +22,8 @@ use p2p_usb_common::codec::{
 };
 use p2p_usb_common::link::judge_hello;
 use p2p_usb_common::proto::{
-    DeviceKey, Event, Handle, Hello, Message, Reply, Request, RequestId, UsbError,
+    CAP_PARTIAL_TRANSFERS, DeviceKey, Event, Handle, Hello, Message, Reply, Request, RequestId,
+    UsbError,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
@@ -124,11 +125,15 @@ pub(crate) async fn run(
 ) {
     let mut from_client = FramedRead::with_capacity(recv, frame_codec(), READ_BUFFER_CAPACITY);
     let mut to_client = FrameWriter::new(QuicWriter::new(send));
-    if let Err(e) = handshake(&mut from_client, &mut to_client).await {
-        tracing::debug!(client = %client, "session handshake failed: {e}");
-        return;
-    }
-    let (from_helper, to_helper) = match open_helper_link(&agent).await {
+    let client_hello = match handshake(&mut from_client, &mut to_client, Hello::new(SOFTWARE)).await
+    {
+        Ok(hello) => hello,
+        Err(e) => {
+            tracing::debug!(client = %client, "session handshake failed: {e}");
+            return;
+        }
+    };
+    let (from_helper, to_helper) = match open_helper_link(&agent, &client_hello).await {
         Ok(link) => link,
         Err(reason) => {
             tracing::warn!(client = %client, "session refused: {reason}");
@@ -209,14 +214,18 @@ pub(crate) async fn run(
     tracing::debug!(client = %client, "session ended");
 }
 
-/// The hello exchange, on raw frames.
-async fn handshake<R, W>(reader: &mut Reader<R>, writer: &mut Writer<W>) -> Result<Hello, String>
+/// The hello exchange, on raw frames: sends `ours`, returns the peer's.
+async fn handshake<R, W>(
+    reader: &mut Reader<R>,
+    writer: &mut Writer<W>,
+    ours: Hello,
+) -> Result<Hello, String>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     writer
-        .send(&Message::Hello(Hello::new(SOFTWARE)))
+        .send(&Message::Hello(ours))
         .await
         .map_err(|e| e.to_string())?;
     let first = tokio::time::timeout(p2p_usb_common::link::HELLO_TIMEOUT, reader.next())
@@ -235,7 +244,8 @@ type HelperLink = (
     Writer<tokio::net::unix::OwnedWriteHalf>,
 );
 
-async fn open_helper_link(agent: &Agent) -> Result<HelperLink, String> {
+/// A link to the helper for a client that said `client` in its hello.
+async fn open_helper_link(agent: &Agent, client: &Hello) -> Result<HelperLink, String> {
     let path = &agent.paths.helper_socket;
     let stream = UnixStream::connect(path)
         .await
@@ -243,7 +253,13 @@ async fn open_helper_link(agent: &Agent) -> Result<HelperLink, String> {
     let (reader, writer) = stream.into_split();
     let mut reader = FramedRead::with_capacity(reader, frame_codec(), READ_BUFFER_CAPACITY);
     let mut writer = FrameWriter::new(writer);
-    handshake(&mut reader, &mut writer)
+    // Replies pass through as they are: the helper may only use what the
+    // client reads.
+    let mut hello = Hello::new(SOFTWARE);
+    hello
+        .capabilities
+        .retain(|capability| capability != CAP_PARTIAL_TRANSFERS || client.supports(capability));
+    handshake(&mut reader, &mut writer, hello)
         .await
         .map_err(|e| format!("USB helper refused the link: {e}"))?;
     Ok((reader, writer))

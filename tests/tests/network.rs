@@ -458,6 +458,75 @@ async fn requests_are_authorized_per_session_and_replies_stay_matched() {
     assert!(usb::open(&second, &key).await.is_ok());
 }
 
+/// A transfer cut short reaches each client as it can read it: with what
+/// moved for a client that names `partial-transfers` in its hello, as the
+/// error alone for one of an earlier release that does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_short_reaches_each_client_as_it_can_read_it() {
+    use futures_util::{SinkExt, StreamExt};
+    use p2p_usb_common::codec::MessageCodec;
+    use p2p_usb_common::proto::{CAP_PARTIAL_TRANSFERS, Hello, Message};
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (client, server) = start_with_approved_client(dir.path(), "auto_share = true").await;
+    let addr = server.addr().await;
+    let cut_after_1000 = |handle| {
+        Request::Submit(usb::control_transfer(
+            handle,
+            zero::control::VENDOR_OUT,
+            zero::control::STALL_AFTER,
+            1000,
+            zero::EP_IN.into(),
+            out(Bytes::new()),
+        ))
+    };
+    let read = |handle| Request::Submit(transfer(handle, zero::EP_IN, input(4096)));
+
+    let (_connection, session, _events) = open_session(&client, &addr).await;
+    let key = usb::find(&session, zero::VID, zero::PID).await.key;
+    let handle = usb::open(&session, &key).await.unwrap();
+    session.request(cut_after_1000(handle)).await.unwrap();
+    match session.request(read(handle)).await {
+        Ok(Reply::PartlyTransferred { error, completion }) => {
+            assert_eq!((error, completion.data.len()), (UsbError::Stall, 1000));
+        }
+        other => panic!("{other:?}"),
+    }
+    session.request(Request::Close { handle }).await.unwrap();
+
+    // A client of an earlier release, speaking raw frames.
+    let connection = client.connect(&addr).await.unwrap();
+    let (send, recv) = connection.open_bi().await.unwrap();
+    let mut reader = FramedRead::new(recv, MessageCodec::default());
+    let mut writer = FramedWrite::new(send, MessageCodec::default());
+    let mut hello = Hello::new("earlier-release");
+    hello.capabilities.retain(|c| c != CAP_PARTIAL_TRANSFERS);
+    writer.send(Message::Hello(hello)).await.unwrap();
+    let mut ask = async |id, body| {
+        writer.send(Message::Request { id, body }).await.unwrap();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), reader.next())
+                .await
+                .expect("a message in time")
+                .expect("stream open")
+                .unwrap()
+                .unwrap();
+            if let Message::Reply { id: got, body } = message
+                && got == id
+            {
+                return body;
+            }
+        }
+    };
+    let handle = match ask(1, Request::Open { key }).await {
+        Ok(Reply::Opened { handle, .. }) => handle,
+        other => panic!("{other:?}"),
+    };
+    ask(2, cut_after_1000(handle)).await.unwrap();
+    assert_eq!(ask(3, read(handle)).await, Err(UsbError::Stall));
+}
+
 /// A client that reuses request ids (the protocol does not forbid it) must
 /// not get past the share filter: every device list is filtered, and every
 /// open the helper grants is known to the agent, so unsharing withdraws it.

@@ -16,8 +16,8 @@ use p2p_usb_common::codec::{FrameWriter, MessageCodec, READ_BUFFER_CAPACITY, SLI
 use p2p_usb_common::config::ShareRule;
 use p2p_usb_common::link::{self, handshake};
 use p2p_usb_common::proto::{
-    Completion, DeviceInfo, DeviceKey, Event, Handle, MAX_TRANSFER_LEN, Message, Reply, Request,
-    RequestId, Transfer, TransferData, UsbError, std_request,
+    CAP_PARTIAL_TRANSFERS, Completion, DeviceInfo, DeviceKey, Event, Handle, MAX_TRANSFER_LEN,
+    Message, Reply, Request, RequestId, Transfer, TransferData, UsbError, std_request,
 };
 use p2p_usb_common::service::{self, LivenessRequests};
 use tokio::net::{UnixListener, UnixStream};
@@ -220,6 +220,8 @@ struct Connection<'a> {
     operating: bool,
     /// Told when the running operation is done.
     operation_done: mpsc::UnboundedSender<()>,
+    /// The peer reads `Reply::PartlyTransferred`.
+    partial_replies: bool,
     shutdown: CancellationToken,
 }
 
@@ -266,9 +268,10 @@ impl<'a> Connection<'a> {
             FramedRead::with_capacity(reader, MessageCodec::default(), READ_BUFFER_CAPACITY);
         let mut writer = FramedWrite::new(writer, MessageCodec::default());
         let mut hotplug = helper.backend.subscribe();
-        if let Err(e) = handshake(&mut reader, &mut writer, SOFTWARE).await {
-            return format!("handshake failed: {e}");
-        }
+        let peer = match handshake(&mut reader, &mut writer, SOFTWARE).await {
+            Ok(peer) => peer,
+            Err(e) => return format!("handshake failed: {e}"),
+        };
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
         let (operation_done, mut operations_done) = mpsc::unbounded_channel();
         let writer_closed = CancellationToken::new();
@@ -293,6 +296,7 @@ impl<'a> Connection<'a> {
             waiting_bytes: 0,
             operating: false,
             operation_done,
+            partial_replies: peer.supports(CAP_PARTIAL_TRANSFERS),
             shutdown: shutdown.clone(),
         };
         let budget = conn.budget.clone();
@@ -516,7 +520,8 @@ impl<'a> Connection<'a> {
             Work::Transfer(transfer) => match special_request(&transfer) {
                 Some(request) => (request, Reply::Transferred(Completion::default())),
                 None => {
-                    let reply = ReplySink::new(id, self.outgoing.clone(), Some(permit));
+                    let reply = ReplySink::new(id, self.outgoing.clone(), Some(permit))
+                        .with_partial_replies(self.partial_replies);
                     return device.submit(transfer, reply);
                 }
             },
@@ -757,6 +762,7 @@ mod tests {
             waiting_bytes: 0,
             operating: false,
             operation_done: mpsc::unbounded_channel().0,
+            partial_replies: true,
             shutdown: CancellationToken::new(),
         };
         let key = helper

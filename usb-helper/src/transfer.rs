@@ -156,6 +156,8 @@ pub struct ReplySink {
     pub id: RequestId,
     outgoing: mpsc::Sender<Outgoing>,
     budget: Option<OwnedSemaphorePermit>,
+    /// The peer reads `Reply::PartlyTransferred`; others get its error.
+    partial: bool,
 }
 
 impl ReplySink {
@@ -169,10 +171,22 @@ impl ReplySink {
             id,
             outgoing,
             budget,
+            partial: false,
         }
     }
 
+    /// Lets a transfer that fails part way be answered with what moved
+    /// (the peer named `CAP_PARTIAL_TRANSFERS`).
+    pub fn with_partial_replies(mut self, partial: bool) -> Self {
+        self.partial = partial;
+        self
+    }
+
     fn into_outgoing(self, body: Result<Reply, UsbError>) -> (mpsc::Sender<Outgoing>, Outgoing) {
+        let body = match body {
+            Ok(Reply::PartlyTransferred { error, .. }) if !self.partial => Err(error),
+            body => body,
+        };
         let message = Message::Reply { id: self.id, body };
         (
             self.outgoing,
