@@ -269,22 +269,38 @@ async fn watch_loop(
         }
         let now = tokio::task::spawn_blocking(scan).await.unwrap_or_default();
         let mut known = found.lock().expect("found lock");
-        for gone in known
-            .iter()
-            .filter(|k| !now.iter().any(|n| n.info.key == k.info.key))
-        {
-            tracing::info!(device = %gone.info.key, "device left");
-            let _ = events.send(BackendEvent::Left(gone.info.key.clone()));
-        }
-        for new in now
-            .iter()
-            .filter(|n| !known.iter().any(|k| k.info.key == n.info.key))
-        {
-            tracing::info!(device = %new.info.key, product = new.info.display_name(), "device arrived");
-            let _ = events.send(BackendEvent::Arrived(new.info.clone()));
+        let before: Vec<&DeviceInfo> = known.iter().map(|k| &k.info).collect();
+        let after: Vec<&DeviceInfo> = now.iter().map(|n| &n.info).collect();
+        for event in hotplug_events(&before, &after) {
+            match &event {
+                BackendEvent::Left(key) => tracing::info!(device = %key, "device left"),
+                BackendEvent::Arrived(info) => {
+                    tracing::info!(device = %info.key, product = info.display_name(), "device arrived")
+                }
+            }
+            let _ = events.send(event);
         }
         *known = now;
     }
+}
+
+/// What changed between two scans: devices gone, then devices new. A
+/// device is the same only at the same bus address: one unplugged and
+/// plugged in again between scans (same key, new address) leaves and
+/// arrives, so whoever held the old one lets it go.
+fn hotplug_events(before: &[&DeviceInfo], after: &[&DeviceInfo]) -> Vec<BackendEvent> {
+    let same = |a: &DeviceInfo, b: &DeviceInfo| {
+        (&a.key, a.bus_number, a.address) == (&b.key, b.bus_number, b.address)
+    };
+    let left = before
+        .iter()
+        .filter(|k| !after.iter().any(|n| same(k, n)))
+        .map(|gone| BackendEvent::Left(gone.key.clone()));
+    let arrived = after
+        .iter()
+        .filter(|n| !before.iter().any(|k| same(k, n)))
+        .map(|new| BackendEvent::Arrived((*new).clone()));
+    left.chain(arrived).collect()
 }
 
 /// Builds the listing of a device from sysfs alone: no usbfs open, so
@@ -389,6 +405,8 @@ fn map_error(e: nusb::Error) -> UsbError {
         nusb::ErrorKind::PermissionDenied => UsbError::AccessDenied(e.to_string()),
         nusb::ErrorKind::NotFound => UsbError::Invalid(e.to_string()),
         nusb::ErrorKind::Unsupported => UsbError::Unsupported(e.to_string()),
+        // The device stalled the request (SET_INTERFACE, CLEAR_FEATURE).
+        _ if e.os_error() == Some(libc::EPIPE as u32) => UsbError::Stall,
         _ => UsbError::Io(e.to_string()),
     }
 }
@@ -697,10 +715,20 @@ impl UsbfsDevice {
         for number in self.interface_numbers() {
             let _ = self.device.detach_kernel_driver(number);
         }
-        self.device
-            .set_configuration(value)
-            .await
-            .map_err(map_error)?;
+        if let Err(e) = self.device.set_configuration(value).await {
+            // The kernel may have unconfigured the device on the way: what
+            // is active now is what the listing says and what is claimed
+            // again, so the device stays usable and a retry is not taken
+            // for a no-op.
+            let active = self
+                .device
+                .active_configuration()
+                .map(|c| c.configuration_value())
+                .unwrap_or(0);
+            self.info.lock().expect("info lock").active_configuration = active;
+            let _ = self.claim_all().await;
+            return Err(map_error(e));
+        }
         self.info.lock().expect("info lock").active_configuration = value;
         self.claim_all().await
     }
@@ -736,6 +764,9 @@ impl UsbfsDevice {
         if endpoint & 0x7f == 0 {
             return Ok(());
         }
+        // Like the other operations: never beside a close, which must find
+        // no endpoint worker (and so no claim) left behind.
+        let _operation = self.begin_operation().await?;
         let probe = Transfer {
             handle: 0,
             endpoint,
@@ -787,8 +818,11 @@ impl UsbfsDevice {
         let _operation = self.begin_operation().await?;
         self.stop_endpoints(None).await;
         self.release_all();
-        self.device.reset().await.map_err(map_error)?;
-        self.claim_all().await
+        let reset = self.device.reset().await.map_err(map_error);
+        // Claimed again even after a failed reset, or every later transfer
+        // would find its interface gone.
+        let claimed = self.claim_all().await;
+        reset.and(claimed)
     }
 
     /// Waits for the operation running, if any; refuses once closed.
@@ -1166,6 +1200,12 @@ async fn control_transfer(
     let timeout = transfer
         .timeout_ms
         .map_or(CONTROL_TIMEOUT, |ms| Duration::from_millis(u64::from(ms)));
+    // nusb ends a transfer that ran out of time as cancelled.
+    let started = tokio::time::Instant::now();
+    let failed = |e: TransferError| match e {
+        TransferError::Cancelled if started.elapsed() >= timeout => UsbError::Timeout,
+        e => map_transfer_error(e),
+    };
     match &transfer.data {
         TransferData::In { length } => {
             let data = device
@@ -1181,7 +1221,7 @@ async fn control_transfer(
                     timeout,
                 )
                 .await
-                .map_err(map_transfer_error)?;
+                .map_err(failed)?;
             Ok(Completion {
                 actual_length: data.len() as u32,
                 data: Bytes::from(data),
@@ -1201,7 +1241,7 @@ async fn control_transfer(
                     timeout,
                 )
                 .await
-                .map_err(map_transfer_error)?;
+                .map_err(failed)?;
             Ok(Completion {
                 actual_length: bytes.len() as u32,
                 data: Bytes::new(),
@@ -1243,6 +1283,26 @@ mod tests {
         std::fs::write(dir.join("descriptors"), &blob[..10]).unwrap();
         assert!(describe_sysfs(&dir, 3, 5, Speed::High).is_err());
         std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_device_replugged_between_scans_leaves_and_arrives() {
+        let zero = crate::sim::zero::device_info(5);
+        let replugged = crate::sim::zero::device_info(6);
+        let keyboard = crate::sim::keyboard::device_info(7);
+        let unchanged = hotplug_events(&[&zero, &keyboard], &[&keyboard, &zero]);
+        assert!(unchanged.is_empty(), "{unchanged:?}");
+        match &hotplug_events(&[&zero, &keyboard], &[&replugged, &keyboard])[..] {
+            [BackendEvent::Left(key), BackendEvent::Arrived(info)] => {
+                assert_eq!(key, &zero.key);
+                assert_eq!(info.address, 6);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &hotplug_events(&[&zero], &[])[..] {
+            [BackendEvent::Left(key)] => assert_eq!(key, &zero.key),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
