@@ -398,18 +398,14 @@ fn cancels_are_read_while_submits_wait_for_budget() {
         other => panic!("expected a reply, got {other:?}"),
     };
     let handle = open_loopback_by_hand(&mut peer);
-    // Reads of an empty loopback wait for data that never comes: sixteen of
-    // 4 MiB take the whole budget, the seventeenth waits for budget.
+    // Sixteen reads of 4 MiB take the whole budget; the seventeenth waits.
     let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
-    let budget_reads = (p2p_usb_helper::server::IN_FLIGHT_BUDGET / max as usize) as u64;
-    for id in 100..=100 + budget_reads {
-        send_request(
-            &mut peer,
-            id,
-            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
-        );
-    }
-    let waiting = 100 + budget_reads;
+    let waiting = 100 + reads_taking_the_whole_budget(&mut peer, handle);
+    send_request(
+        &mut peer,
+        waiting,
+        Request::Submit(transfer(handle, zero::EP_IN, input(max))),
+    );
     let cancel = |peer: &mut std::os::unix::net::UnixStream, request: u64| {
         send_request(peer, 1_000_000 + request, Request::Cancel { request });
         let mut replies = vec![answer(peer), answer(peer)];
@@ -451,15 +447,7 @@ fn direct_device_operations_wait_behind_the_submits_before_them() {
     let handle = open_loopback_by_hand(&mut peer);
     // Reads of the empty loopback take the whole budget; the write after
     // them waits for budget, and so must the operation sent after it.
-    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
-    let budget_reads = (p2p_usb_helper::server::IN_FLIGHT_BUDGET / max as usize) as u64;
-    for id in 100..100 + budget_reads {
-        send_request(
-            &mut peer,
-            id,
-            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
-        );
-    }
+    reads_taking_the_whole_budget(&mut peer, handle);
     send_request(
         &mut peer,
         200,
@@ -503,15 +491,7 @@ fn a_reset_gets_through_while_reads_hold_the_whole_budget() {
     let helper = start_activated_helper("", None);
     let mut peer = greeted_by_hand(&helper.socket);
     let handle = open_loopback_by_hand(&mut peer);
-    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
-    let budget_reads = (p2p_usb_helper::server::IN_FLIGHT_BUDGET / max as usize) as u64;
-    for id in 100..100 + budget_reads {
-        send_request(
-            &mut peer,
-            id,
-            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
-        );
-    }
+    let budget_reads = reads_taking_the_whole_budget(&mut peer, handle);
     // A device operation holds no budget: it runs, and ends the reads.
     send_request(&mut peer, 200, Request::Reset { handle });
     let mut replies = Vec::new();
@@ -572,6 +552,21 @@ fn transfers_after_a_device_operation_wait_until_it_is_done() {
         (5, Ok(Reply::Transferred(read))) => assert_eq!(read.actual_length, 512),
         other => panic!("the read ran before the halt was cleared: {other:?}"),
     }
+}
+
+/// Sends reads of the empty loopback, ids from 100, that together take the
+/// whole in-flight budget (they wait for data that never comes); how many.
+fn reads_taking_the_whole_budget(peer: &mut std::os::unix::net::UnixStream, handle: Handle) -> u64 {
+    let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
+    let reads = (p2p_usb_helper::server::IN_FLIGHT_BUDGET / max as usize) as u64;
+    for id in 100..100 + reads {
+        send_request(
+            peer,
+            id,
+            Request::Submit(transfer(handle, zero::EP_IN, input(max))),
+        );
+    }
+    reads
 }
 
 /// Sends one request, framed by hand.

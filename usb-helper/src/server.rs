@@ -257,6 +257,37 @@ impl Work {
 }
 
 impl<'a> Connection<'a> {
+    /// A connection that holds nothing yet and has announced the devices
+    /// there are now.
+    fn new(
+        helper: &'a Arc<Helper>,
+        id: u64,
+        outgoing: mpsc::Sender<Outgoing>,
+        operation_done: mpsc::UnboundedSender<()>,
+        partial_replies: bool,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Connection {
+            helper,
+            id,
+            outgoing,
+            devices: HashMap::new(),
+            next_handle: 1,
+            announced: helper
+                .visible_devices()
+                .into_iter()
+                .map(|d| d.key)
+                .collect(),
+            budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)),
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+            operating: false,
+            operation_done,
+            partial_replies,
+            shutdown,
+        }
+    }
+
     async fn run(
         helper: &'a Arc<Helper>,
         id: u64,
@@ -280,25 +311,14 @@ impl<'a> Connection<'a> {
             outgoing_rx,
             writer_closed.clone(),
         ));
-        let mut conn = Connection {
+        let mut conn = Connection::new(
             helper,
             id,
             outgoing,
-            devices: HashMap::new(),
-            next_handle: 1,
-            announced: helper
-                .visible_devices()
-                .into_iter()
-                .map(|d| d.key)
-                .collect(),
-            budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)),
-            waiting: VecDeque::new(),
-            waiting_bytes: 0,
-            operating: false,
             operation_done,
-            partial_replies: peer.supports(CAP_PARTIAL_TRANSFERS),
-            shutdown: shutdown.clone(),
-        };
+            peer.supports(CAP_PARTIAL_TRANSFERS),
+            shutdown.clone(),
+        );
         let budget = conn.budget.clone();
         let reason = loop {
             let next_cost = conn
@@ -608,24 +628,14 @@ impl<'a> Connection<'a> {
     }
 
     /// After missed hotplug events: devices announced but gone leave (and
-    /// are released if held), devices there but not announced arrive. A held
-    /// device that was unplugged and plugged in again meanwhile is there
-    /// under the same key but at a new address: the handle is to the old
-    /// one, so it leaves and arrives again too.
+    /// are released if held), devices there but not announced arrive.
     async fn catch_up(&mut self) {
         let present = self.helper.visible_devices();
-        let replugged = self.devices.values().map(|d| d.info()).filter(|held| {
-            present.iter().any(|now| {
-                now.key == held.key
-                    && (now.bus_number, now.address) != (held.bus_number, held.address)
-            })
-        });
         let gone: Vec<DeviceKey> = self
             .announced
             .iter()
             .filter(|key| !present.iter().any(|d| d.key == **key))
             .cloned()
-            .chain(replugged.map(|held| held.key))
             .collect();
         for key in gone {
             self.hotplug(BackendEvent::Left(key)).await;
@@ -726,97 +736,5 @@ async fn device_operation(device: &Device, request: &Request) -> Result<(), UsbE
             "{} is not a device operation",
             request.kind()
         ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sim::SimBackend;
-    use p2p_usb_common::config::SimSection;
-    use p2p_usb_common::gadget::zero;
-    use p2p_usb_common::proto::SetupPacket;
-
-    #[tokio::test]
-    async fn catching_up_replaces_a_held_device_that_was_replugged() {
-        let backend = Backend::Sim(SimBackend::start(&SimSection::default()));
-        let every_device = ShareRule {
-            all: Some(true),
-            ..ShareRule::default()
-        };
-        let helper = Helper::new(backend, vec![every_device], AccessList::new([], []));
-        let (outgoing, mut sent) = mpsc::channel(16);
-        let mut conn = Connection {
-            helper: &helper,
-            id: 1,
-            outgoing,
-            devices: HashMap::new(),
-            next_handle: 1,
-            announced: helper
-                .visible_devices()
-                .into_iter()
-                .map(|d| d.key)
-                .collect(),
-            budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)),
-            waiting: VecDeque::new(),
-            waiting_bytes: 0,
-            operating: false,
-            operation_done: mpsc::unbounded_channel().0,
-            partial_replies: true,
-            shutdown: CancellationToken::new(),
-        };
-        let key = helper
-            .visible_devices()
-            .into_iter()
-            .find(|d| (d.key.vid, d.key.pid) == (zero::VID, zero::PID))
-            .expect("a simulated Gadget Zero")
-            .key;
-        let Ok(Reply::Opened { handle, device }) = conn.open(key.clone()).await else {
-            panic!("the Gadget Zero opens");
-        };
-        // Unplugged and plugged in again while the connection heard nothing
-        // of it (its hotplug receiver is never read here).
-        let unplug = Transfer {
-            handle,
-            endpoint: 0,
-            setup: Some(SetupPacket {
-                request_type: zero::control::VENDOR_OUT,
-                request: zero::control::UNPLUG,
-                value: 1,
-                index: 0,
-                length: 0,
-            }),
-            data: TransferData::Out(Bytes::new()),
-            flags: Default::default(),
-            timeout_ms: None,
-        };
-        let (replies, _reply) = mpsc::channel(1);
-        conn.devices[&handle].submit(unplug, ReplySink::new(99, replies, None));
-        let replugged = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                let now = helper.visible_devices().into_iter().find(|d| d.key == key);
-                if let Some(now) = now.filter(|now| now.address != device.address) {
-                    return now;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the device comes back");
-
-        conn.catch_up().await;
-        assert!(conn.devices.is_empty(), "the stale handle is released");
-        assert!(!helper.opened.lock().unwrap().contains_key(&key));
-        let mut events = Vec::new();
-        while let Ok(out) = sent.try_recv() {
-            events.push(out.message);
-        }
-        assert_eq!(
-            events,
-            vec![
-                Message::Event(Event::DeviceLeft { key: key.clone() }),
-                Message::Event(Event::DeviceArrived(replugged)),
-            ]
-        );
     }
 }
