@@ -458,12 +458,28 @@ async fn requests_are_authorized_per_session_and_replies_stay_matched() {
     assert!(usb::open(&second, &key).await.is_ok());
 }
 
+/// The next message of a session read as raw frames, within 10 s.
+async fn next_message(
+    reader: &mut tokio_util::codec::FramedRead<
+        iroh::endpoint::RecvStream,
+        p2p_usb_common::codec::MessageCodec,
+    >,
+) -> p2p_usb_common::proto::Message {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), reader.next())
+        .await
+        .expect("a message in time")
+        .expect("stream open")
+        .unwrap()
+        .unwrap()
+}
+
 /// A transfer cut short reaches each client as it can read it: with what
 /// moved for a client that names `partial-transfers` in its hello, as the
 /// error alone for one of an earlier release that does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_cut_short_reaches_each_client_as_it_can_read_it() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use p2p_usb_common::codec::MessageCodec;
     use p2p_usb_common::proto::{CAP_PARTIAL_TRANSFERS, Hello, Message};
     use tokio_util::codec::{FramedRead, FramedWrite};
@@ -506,13 +522,7 @@ async fn a_transfer_cut_short_reaches_each_client_as_it_can_read_it() {
     let mut ask = async |id, body| {
         writer.send(Message::Request { id, body }).await.unwrap();
         loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), reader.next())
-                .await
-                .expect("a message in time")
-                .expect("stream open")
-                .unwrap()
-                .unwrap();
-            if let Message::Reply { id: got, body } = message
+            if let Message::Reply { id: got, body } = next_message(&mut reader).await
                 && got == id
             {
                 return body;
@@ -532,7 +542,6 @@ async fn a_transfer_cut_short_reaches_each_client_as_it_can_read_it() {
 /// open the helper grants is known to the agent, so unsharing withdraws it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reused_request_ids_do_not_get_past_the_share_filter() {
-    use futures_util::StreamExt;
     use p2p_usb_common::codec::{FrameWriter, MessageCodec};
     use p2p_usb_common::proto::Message;
     use tokio_util::codec::{FramedRead, FramedWrite};
@@ -555,13 +564,7 @@ async fn reused_request_ids_do_not_get_past_the_share_filter() {
         .unwrap();
     let mut writer = FrameWriter::new(writer.into_inner());
     let mut next = async || loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), reader.next())
-            .await
-            .expect("a message in time")
-            .expect("stream open")
-            .unwrap()
-            .unwrap();
-        match message {
+        match next_message(&mut reader).await {
             Message::Event(Event::DeviceArrived(_)) => continue,
             other => return other,
         }

@@ -235,12 +235,30 @@ struct Waiting {
 
 /// What a request asks of a device, once it may start.
 enum Work {
-    /// A transfer; a standard request among them becomes its operation.
+    /// A transfer for the device.
     Transfer(Transfer),
-    /// A device operation asked for directly (`SetInterface`, `ClearHalt`,
-    /// …): it keeps its place behind the submits before it, as the same
-    /// request sent as a control transfer does.
-    Operation(Request),
+    /// A device operation (`SetInterface`, `ClearHalt`, …), asked for
+    /// directly or as the standard control request a host sends: it runs
+    /// in order with the transfers around it.
+    Operation { request: Request, asked_as: AskedAs },
+}
+
+/// How a device operation was asked for, and so how its success is answered.
+#[derive(Clone, Copy)]
+enum AskedAs {
+    /// The control transfer a host sends: answered as a transfer.
+    ControlTransfer,
+    /// The vocabulary's own request: answered `Done`.
+    Request,
+}
+
+impl AskedAs {
+    fn done(self) -> Reply {
+        match self {
+            AskedAs::ControlTransfer => Reply::Transferred(Completion::default()),
+            AskedAs::Request => Reply::Done,
+        }
+    }
 }
 
 impl Work {
@@ -251,7 +269,7 @@ impl Work {
                 data: TransferData::Out(bytes),
                 ..
             }) => bytes.len(),
-            Work::Transfer(_) | Work::Operation(_) => 0,
+            Work::Transfer(_) | Work::Operation { .. } => 0,
         }
     }
 }
@@ -422,7 +440,11 @@ impl<'a> Connection<'a> {
                 let Some(device) = self.devices.get(&handle).cloned() else {
                     return self.reply(id, Err(unknown_handle(handle))).await;
                 };
-                self.enqueue(id, Work::Operation(request), device, 0).await;
+                let work = Work::Operation {
+                    request,
+                    asked_as: AskedAs::Request,
+                };
+                self.enqueue(id, work, device, 0).await;
             }
         }
     }
@@ -473,16 +495,21 @@ impl<'a> Connection<'a> {
         let Some(device) = self.devices.get(&transfer.handle).cloned() else {
             return self.reply(id, Err(unknown_handle(transfer.handle))).await;
         };
-        // The USB core's own requests (SET_CONFIGURATION, …) hold no
-        // budget (a reset must get through while reads hold all of it) but
-        // still keep their place behind submits waiting for budget.
-        let cost = if special_request(&transfer).is_some() {
-            0
-        } else {
-            budget_cost(&transfer.data)
+        // The USB core's own requests (SET_CONFIGURATION, …) become the real
+        // operations, as in usbip-host (passing them through raw would
+        // desynchronise the host's view of the device). Operations hold no
+        // budget: a reset must get through while reads hold all of it.
+        let (work, cost) = match special_request(&transfer) {
+            Some(request) => {
+                let asked_as = AskedAs::ControlTransfer;
+                (Work::Operation { request, asked_as }, 0)
+            }
+            None => {
+                let cost = budget_cost(&transfer.data);
+                (Work::Transfer(transfer), cost)
+            }
         };
-        self.enqueue(id, Work::Transfer(transfer), device, cost)
-            .await;
+        self.enqueue(id, work, device, cost).await;
     }
 
     /// Starts `work` if nothing waits or runs before it and the budget
@@ -525,10 +552,8 @@ impl<'a> Connection<'a> {
         });
     }
 
-    /// Starts work that has its budget: a standard request becomes the
-    /// real operation, as in usbip-host (passing it through raw would
-    /// desynchronise the host's view of the device); any other transfer goes
-    /// to the device.
+    /// Starts work that has its budget: a transfer goes to the device; an
+    /// operation runs while what comes after it waits.
     fn start(
         &mut self,
         id: RequestId,
@@ -536,22 +561,21 @@ impl<'a> Connection<'a> {
         device: Arc<Device>,
         permit: OwnedSemaphorePermit,
     ) {
-        let (request, done) = match work {
-            Work::Transfer(transfer) => match special_request(&transfer) {
-                Some(request) => (request, Reply::Transferred(Completion::default())),
-                None => {
-                    let reply = ReplySink::new(id, self.outgoing.clone(), Some(permit))
-                        .with_partial_replies(self.partial_replies);
-                    return device.submit(transfer, reply);
-                }
-            },
-            Work::Operation(request) => (request, Reply::Done),
+        let (request, asked_as) = match work {
+            Work::Transfer(transfer) => {
+                let reply = ReplySink::new(id, self.outgoing.clone(), Some(permit))
+                    .with_partial_replies(self.partial_replies);
+                return device.submit(transfer, reply);
+            }
+            Work::Operation { request, asked_as } => (request, asked_as),
         };
         self.operating = true;
         let outgoing = self.outgoing.clone();
         let operation_done = self.operation_done.clone();
         tokio::spawn(async move {
-            let body = device_operation(&device, &request).await.map(|()| done);
+            let body = device_operation(&device, &request)
+                .await
+                .map(|()| asked_as.done());
             drop(permit);
             let _ = outgoing.send(Message::Reply { id, body }.into()).await;
             let _ = operation_done.send(());

@@ -77,16 +77,16 @@ impl Remote {
             }
         }
         let mut connection = self.connection.lock().await;
-        let replaced = connection.as_ref().is_some_and(|current| {
+        // Another caller reconnected meanwhile: use its connection.
+        let replaced = connection.clone().filter(|current| {
             current.close_reason().is_none()
                 && existing
                     .as_ref()
                     .is_none_or(|e| e.stable_id() != current.stable_id())
         });
-        let current = match connection.as_ref() {
-            // Another caller reconnected meanwhile: use its connection.
-            Some(current) if replaced => current.clone(),
-            _ => {
+        let current = match replaced {
+            Some(current) => current,
+            None => {
                 let fresh = self.client.connect(&self.server).await?;
                 *connection = Some(fresh.clone());
                 fresh

@@ -200,20 +200,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         match parsed {
             UrbHeader::Submit(cmd) => {
-                // vhci_hcd never reuses a seqnum while its URB is pending; a
-                // client that does would have unlinks and replies mixed up.
-                let reused = batch.iter().any(|(queued, _)| queued.seqnum == cmd.seqnum)
-                    || pending
-                        .lock()
-                        .expect("pending lock")
-                        .by_seqnum
-                        .contains_key(&cmd.seqnum);
-                if reused {
-                    return EndReason::Protocol(format!(
-                        "seqnum {} reused while its URB is pending",
-                        cmd.seqnum
-                    ));
-                }
                 let transfer = match read_submit_payload(&mut reader, &cmd).await {
                     Ok(Ok(out)) => transfer_for(handle, &cmd, out),
                     Ok(Err(refusal)) => Err(refusal),
@@ -228,7 +214,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             UrbHeader::Unlink(cmd) => {
                 // The URB it names may be in the batch: send that first.
-                submit(&session, &pending, &replies, std::mem::take(&mut batch)).await;
+                if let Err(reused) =
+                    submit(&session, &pending, &replies, std::mem::take(&mut batch)).await
+                {
+                    return reused;
+                }
                 if let Some(reply) = unlink(&session, &pending, cmd).await {
                     let _ = to_writer.send(reply).await;
                 }
@@ -237,8 +227,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return EndReason::Protocol(format!("unexpected {other:?} from a USB/IP client"));
             }
         }
-        if batch.len() >= MAX_URB_BATCH || !whole_urb_buffered(reader.buffer()) {
-            submit(&session, &pending, &replies, std::mem::take(&mut batch)).await;
+        if (batch.len() >= MAX_URB_BATCH || !whole_urb_buffered(reader.buffer()))
+            && let Err(reused) =
+                submit(&session, &pending, &replies, std::mem::take(&mut batch)).await
+        {
+            return reused;
         }
     }
 }
@@ -350,15 +343,19 @@ fn transfer_for(
 
 /// Sends a batch of transfers to the server with one write; each URB is
 /// pending (and can be unlinked) from the moment its request has an id.
+/// A seqnum whose URB is still pending ends the connection: vhci_hcd never
+/// reuses one, and a client that does would have unlinks and replies mixed
+/// up.
 async fn submit(
     session: &LinkClient,
     pending: &Arc<Mutex<Pending>>,
     replies: &Replies,
     batch: Vec<(CmdSubmit, Transfer)>,
-) {
+) -> Result<(), EndReason> {
     if batch.is_empty() {
-        return;
+        return Ok(());
     }
+    let mut reused = None;
     let (cmds, requests): (Vec<CmdSubmit>, Vec<Request>) = batch
         .into_iter()
         .map(|(cmd, transfer)| (cmd, Request::Submit(transfer)))
@@ -367,7 +364,9 @@ async fn submit(
         .requests_into(requests, replies, |index, id| {
             let cmd = cmds[index];
             let mut pending = pending.lock().expect("pending lock");
-            pending.by_seqnum.insert(cmd.seqnum, id);
+            if pending.by_seqnum.insert(cmd.seqnum, id).is_some() {
+                reused = Some(cmd.seqnum);
+            }
             pending.by_id.insert(
                 id,
                 PendingUrb {
@@ -377,6 +376,12 @@ async fn submit(
             );
         })
         .await;
+    match reused {
+        Some(seqnum) => Err(EndReason::Protocol(format!(
+            "seqnum {seqnum} reused while its URB is pending"
+        ))),
+        None => Ok(()),
+    }
 }
 
 async fn unlink(

@@ -208,9 +208,7 @@ impl SimDevice {
             None => Err(UsbError::NoDevice),
             Some(unit) => {
                 unit.fail_pending(UsbError::Cancelled, None);
-                unit.halted.clear();
-                unit.stall_after.clear();
-                unit.alts.clear();
+                unit.forget_endpoint_state();
                 unit.behaviour.reset();
                 Ok(())
             }
@@ -223,9 +221,7 @@ impl SimDevice {
             if let Some(unit) = bus.unit_for(self.open) {
                 unit.fail_pending(UsbError::Cancelled, None);
                 unit.opened_by = None;
-                unit.alts.clear();
-                unit.halted.clear();
-                unit.stall_after.clear();
+                unit.forget_endpoint_state();
             }
         });
     }
@@ -315,6 +311,15 @@ struct Unit {
 impl Unit {
     fn info(&self) -> DeviceInfo {
         self.info.lock().expect("info lock").clone()
+    }
+
+    /// Back to alternate setting 0 everywhere, no halted endpoint and no
+    /// armed cut: what a reset, a configuration change, a close or a new
+    /// plug-in leaves behind.
+    fn forget_endpoint_state(&mut self) {
+        self.alts.clear();
+        self.halted.clear();
+        self.stall_after.clear();
     }
 
     fn deliver(&mut self, endpoint: u8, reply: ReplySink, result: Result<Reply, UsbError>) {
@@ -722,9 +727,7 @@ impl Bus {
         unit.info = Arc::new(Mutex::new(info.clone()));
         unit.plugged = true;
         unit.replug_at = None;
-        unit.alts.clear();
-        unit.halted.clear();
-        unit.stall_after.clear();
+        unit.forget_endpoint_state();
         unit.behaviour.reset();
         unit.delay = base_delay;
         tracing::info!(device = %info.key, address, "simulated replug");
@@ -740,9 +743,7 @@ impl Bus {
         info.active_configuration = value;
         drop(info);
         unit.fail_pending(UsbError::Cancelled, None);
-        unit.alts.clear();
-        unit.halted.clear();
-        unit.stall_after.clear();
+        unit.forget_endpoint_state();
         unit.behaviour.reset();
         self.publish();
         Ok(())
