@@ -144,6 +144,8 @@ for b in p2p-usb-helper p2p-usb-agent p2p-usb; do
     nbin=$((nbin + 1))
   fi
 done
+# Test tools beside the binaries, for the scenarios that drive the helper directly.
+if [ -f "$bin_dir/usbfs-probe" ]; then install -m 0755 "$bin_dir/usbfs-probe" "$stage/repo/target/release/"; fi
 ln -s repo/target/release "$stage/bin"
 
 # Random content each run, so nothing can pass by reading stale or cached data.

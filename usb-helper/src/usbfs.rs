@@ -10,9 +10,12 @@
 //!
 //! nusb 0.2 can only cancel all transfers of an endpoint, so cancelling one
 //! transfer cancels the endpoint's queue and transparently resubmits the other
-//! transfers that had not moved any data yet, keeping their order. Control
+//! transfers that had not moved any data yet, keeping their order. A bulk or
+//! interrupt transfer whose `timeout_ms` runs out (counted from its
+//! submission) is cancelled the same way and answered `Timeout`. Control
 //! transfers cannot be cancelled in usbfs through nusb at all: a cancelled one
-//! is answered `Cancelled` at once and its late result discarded.
+//! is answered `Cancelled` at once and its late result discarded; their
+//! timeout is nusb's own.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -34,6 +37,7 @@ use p2p_usb_common::proto::{
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::backend::{BackendError, BackendEvent, HEALTH_TIMEOUT};
 use crate::transfer::{self, ReplySink};
@@ -966,6 +970,87 @@ struct InFlight {
     reply: Option<ReplySink>,
     transfer: Transfer,
     cancel_requested: bool,
+    /// When the transfer's own `timeout_ms` runs out, counted from its first
+    /// submission (a resubmission after another transfer's cancel keeps it).
+    deadline: Option<Instant>,
+    /// Cancelled because its deadline passed: answered `Timeout`.
+    timed_out: bool,
+}
+
+impl InFlight {
+    fn new(transfer: Transfer, reply: ReplySink) -> InFlight {
+        let deadline = transfer
+            .timeout_ms
+            .map(|ms| Instant::now() + Duration::from_millis(u64::from(ms)));
+        InFlight {
+            reply: Some(reply),
+            transfer,
+            cancel_requested: false,
+            deadline,
+            timed_out: false,
+        }
+    }
+
+    /// The trailing zero-length packet of an OUT transfer with `zero_packet`.
+    fn zero_length_packet() -> InFlight {
+        InFlight {
+            reply: None,
+            transfer: Transfer {
+                handle: 0,
+                endpoint: 0,
+                setup: None,
+                data: TransferData::Out(Bytes::new()),
+                flags: Default::default(),
+                timeout_ms: None,
+            },
+            cancel_requested: false,
+            deadline: None,
+            timed_out: false,
+        }
+    }
+}
+
+/// What becomes of one completion taken from an endpoint's queue.
+#[derive(Debug, PartialEq)]
+enum Settled {
+    /// Answer the transfer: its data and this status.
+    Answer(Result<(), UsbError>),
+    /// Cancelled only because another transfer of the endpoint was, before
+    /// it moved anything: it goes back in, in its place.
+    Resubmit,
+    /// Nobody waits for it: a zero-length packet whose transfer failed, or
+    /// whose transfer goes back in (and brings its own packet again).
+    Forget,
+}
+
+/// Decides what a completion means. `collateral` is true while the
+/// endpoint's queue drains for a cancel or a timeout of one of its transfers
+/// (not for a stop), for the transfers that were not themselves meant;
+/// `owner_whole` says whether the transfer a zero-length packet belongs to
+/// completed in full: then its packet, cut off by another transfer's
+/// cancel, still has to go out.
+fn settle(
+    item: &InFlight,
+    collateral: bool,
+    status: Result<(), TransferError>,
+    actual_len: usize,
+    owner_whole: bool,
+) -> Settled {
+    let cancelled = status == Err(TransferError::Cancelled);
+    if item.reply.is_none() {
+        return if cancelled && collateral && owner_whole {
+            Settled::Resubmit
+        } else {
+            Settled::Forget
+        };
+    }
+    match status {
+        Err(TransferError::Cancelled) if item.timed_out => Settled::Answer(Err(UsbError::Timeout)),
+        // Collateral that had already moved data: what moved, as a short transfer.
+        Err(TransferError::Cancelled) if collateral && actual_len > 0 => Settled::Answer(Ok(())),
+        Err(TransferError::Cancelled) if collateral => Settled::Resubmit,
+        status => Settled::Answer(status.map_err(map_transfer_error)),
+    }
 }
 
 /// Owns one nusb endpoint: submits in order, replies in completion order
@@ -995,32 +1080,33 @@ async fn run_endpoint<E: BulkOrInterrupt, D: EndpointDirection>(
     let mut resubmit: Vec<InFlight> = Vec::new();
     let mut draining = false;
     let mut stop: Option<oneshot::Sender<()>> = None;
+    // Whether the last answered transfer completed in full, for the
+    // zero-length packet that may follow it.
+    let mut owner_whole = false;
 
     loop {
+        let next_deadline = in_flight
+            .iter()
+            .filter(|item| !item.cancel_requested)
+            .filter_map(|item| item.deadline)
+            .min();
         tokio::select! {
             completion = endpoint.next_complete(), if endpoint.pending() > 0 => {
                 let Some(item) = in_flight.pop_front() else { continue };
-                // `None`: the trailing zero-length packet of an OUT transfer;
-                // nobody waits for it, but it counts for the drain below.
-                if let Some(reply) = item.reply {
-                    let collateral = draining && !item.cancel_requested && stop.is_none();
-                    match completion.status {
-                        Err(TransferError::Cancelled) if collateral && completion.actual_len == 0 => {
-                            // Cancelled only because another transfer of this
-                            // endpoint was: nothing moved, so it goes back in.
-                            resubmit.push(InFlight { reply: Some(reply), ..item });
-                        }
-                        Err(TransferError::Cancelled) if collateral => {
-                            // Collateral that had already moved data: report what
-                            // moved, as a short transfer.
-                            let result = finish(&item.transfer, completion.buffer, completion.actual_len, Ok(()));
-                            reply.send_reply(result).await;
-                        }
-                        status => {
+                let collateral = draining && !item.cancel_requested && stop.is_none();
+                match settle(&item, collateral, completion.status, completion.actual_len, owner_whole) {
+                    Settled::Answer(status) => {
+                        owner_whole = status.is_ok() && !collateral;
+                        if let Some(reply) = item.reply {
                             let result = finish(&item.transfer, completion.buffer, completion.actual_len, status);
                             reply.send_reply(result).await;
                         }
                     }
+                    Settled::Resubmit => {
+                        owner_whole = false;
+                        resubmit.push(item);
+                    }
+                    Settled::Forget => {}
                 }
                 if draining && endpoint.pending() == 0 {
                     draining = false;
@@ -1032,13 +1118,24 @@ async fn run_endpoint<E: BulkOrInterrupt, D: EndpointDirection>(
                     }
                 }
             }
+            _ = sleep_until_deadline(next_deadline), if !draining => {
+                let now = Instant::now();
+                for item in in_flight.iter_mut().filter(|i| !i.cancel_requested && i.deadline.is_some_and(|d| d <= now)) {
+                    item.cancel_requested = true;
+                    item.timed_out = true;
+                    draining = true;
+                }
+                if draining {
+                    endpoint.cancel_all();
+                }
+            }
             command = commands.recv(), if !draining => match command {
                 None => {
                     endpoint.cancel_all();
                     return None;
                 }
                 Some(EndpointCommand::Submit(transfer, reply)) => {
-                    submit(endpoint, &mut in_flight, InFlight { reply: Some(reply), transfer, cancel_requested: false }, mps);
+                    submit(endpoint, &mut in_flight, InFlight::new(transfer, reply), mps);
                 }
                 Some(EndpointCommand::Cancel(id)) => {
                     if let Some(item) = in_flight.iter_mut().find(|i| i.reply.as_ref().is_some_and(|r| r.id == id)) {
@@ -1066,6 +1163,14 @@ async fn run_endpoint<E: BulkOrInterrupt, D: EndpointDirection>(
     }
 }
 
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn submit<E: BulkOrInterrupt, D: EndpointDirection>(
     endpoint: &mut nusb::Endpoint<E, D>,
     in_flight: &mut VecDeque<InFlight>,
@@ -1083,18 +1188,7 @@ fn submit<E: BulkOrInterrupt, D: EndpointDirection>(
     in_flight.push_back(item);
     if zero_packet {
         endpoint.submit(Buffer::new(0));
-        in_flight.push_back(InFlight {
-            reply: None,
-            transfer: Transfer {
-                handle: 0,
-                endpoint: 0,
-                setup: None,
-                data: TransferData::Out(Bytes::new()),
-                flags: Default::default(),
-                timeout_ms: None,
-            },
-            cancel_requested: false,
-        });
+        in_flight.push_back(InFlight::zero_length_packet());
     }
 }
 
@@ -1103,7 +1197,7 @@ fn finish(
     transfer: &Transfer,
     buffer: Buffer,
     actual_len: usize,
-    status: Result<(), TransferError>,
+    status: Result<(), UsbError>,
 ) -> Result<Reply, UsbError> {
     // On failure too, what moved is passed on, as usbip-host does: the
     // kernel fills `actual_len` for failed URBs as well.
@@ -1138,7 +1232,7 @@ fn finish(
     };
     match status {
         Ok(()) => transfer::answer(transfer, completion),
-        Err(e) => Reply::transfer_failed(map_transfer_error(e), completion),
+        Err(e) => Reply::transfer_failed(e, completion),
     }
 }
 
@@ -1312,7 +1406,7 @@ mod tests {
     fn failed_transfers_pass_on_what_moved() {
         let read = read_transfer(1024);
         let buffer = || Buffer::from(vec![7u8; 1024]);
-        match finish(&read, buffer(), 512, Err(TransferError::Stall)) {
+        match finish(&read, buffer(), 512, Err(UsbError::Stall)) {
             Ok(Reply::PartlyTransferred { error, completion }) => {
                 assert_eq!(error, UsbError::Stall);
                 assert_eq!(
@@ -1323,7 +1417,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            finish(&read, buffer(), 0, Err(TransferError::Stall)),
+            finish(&read, buffer(), 0, Err(UsbError::Stall)),
             Err(UsbError::Stall),
             "nothing moved: the error alone"
         );
@@ -1332,18 +1426,73 @@ mod tests {
             data: TransferData::Out(Bytes::from(vec![1u8; 1024])),
             ..read
         };
-        match finish(
-            &write,
-            Buffer::new(0),
-            600,
-            Err(TransferError::Disconnected),
-        ) {
+        match finish(&write, Buffer::new(0), 600, Err(UsbError::NoDevice)) {
             Ok(Reply::PartlyTransferred { error, completion }) => {
                 assert_eq!(error, UsbError::NoDevice);
                 assert_eq!((completion.actual_length, completion.data.len()), (600, 0));
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A transfer as the endpoint worker holds it, answered nowhere.
+    fn in_flight(timed_out: bool) -> InFlight {
+        let (outgoing, _) = mpsc::channel(1);
+        let mut item = InFlight::new(read_transfer(512), ReplySink::new(7, outgoing, None));
+        item.cancel_requested = timed_out;
+        item.timed_out = timed_out;
+        item
+    }
+
+    #[test]
+    fn completions_settle_by_why_their_queue_was_cancelled() {
+        let cancelled = Err(TransferError::Cancelled);
+        // Its own deadline passed: Timeout, unless it completed first.
+        assert_eq!(
+            settle(&in_flight(true), false, cancelled, 0, false),
+            Settled::Answer(Err(UsbError::Timeout))
+        );
+        assert_eq!(
+            settle(&in_flight(true), false, Ok(()), 512, false),
+            Settled::Answer(Ok(()))
+        );
+        // Another transfer's cancel or timeout: back in if nothing moved,
+        // otherwise answered with what moved.
+        assert_eq!(
+            settle(&in_flight(false), true, cancelled, 0, false),
+            Settled::Resubmit
+        );
+        assert_eq!(
+            settle(&in_flight(false), true, cancelled, 100, false),
+            Settled::Answer(Ok(()))
+        );
+        // Cancelled for itself, or on a stop.
+        assert_eq!(
+            settle(&in_flight(false), false, cancelled, 0, false),
+            Settled::Answer(Err(UsbError::Cancelled))
+        );
+        assert_eq!(
+            settle(
+                &in_flight(false),
+                false,
+                Err(TransferError::Stall),
+                0,
+                false
+            ),
+            Settled::Answer(Err(UsbError::Stall))
+        );
+    }
+
+    #[test]
+    fn a_zero_length_packet_cut_off_by_another_cancel_goes_out_again() {
+        let packet = InFlight::zero_length_packet();
+        let cancelled = Err(TransferError::Cancelled);
+        assert_eq!(settle(&packet, true, cancelled, 0, true), Settled::Resubmit);
+        // Its transfer failed, went back in itself, or the endpoint stops.
+        assert_eq!(settle(&packet, true, cancelled, 0, false), Settled::Forget);
+        assert_eq!(settle(&packet, false, cancelled, 0, true), Settled::Forget);
+        assert_eq!(settle(&packet, true, Ok(()), 0, true), Settled::Forget);
+        assert_eq!(packet.deadline, None);
     }
 
     #[test]
