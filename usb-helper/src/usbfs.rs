@@ -17,7 +17,7 @@
 //! is answered `Cancelled` at once and its late result discarded; their
 //! timeout is nusb's own.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -446,21 +446,65 @@ enum EndpointCommand {
     Stop(oneshot::Sender<()>),
 }
 
-enum ControlCommand {
-    Submit(Transfer, ReplySink),
+/// What a cancel found on endpoint 0.
+enum ControlCancel {
+    /// The transfer was running: its worker answers it `Cancelled`.
+    Stopped,
+    /// The transfer was waiting: the caller answers it.
+    TakenOut(ReplySink),
+    /// Not a control transfer (or already answered).
+    NotHere,
 }
 
-/// The transfer being run on endpoint 0, so a cancel can reach it.
-type ControlSlot = Arc<Mutex<ControlState>>;
+/// Endpoint 0's queue, shared by the device and its control worker.
+type ControlSlot = Arc<Mutex<ControlQueue>>;
 
-/// Endpoint 0's queue as a cancel sees it, under one lock: a cancel either
-/// finds its transfer running, or queued (and it is then skipped), never in
+/// Endpoint 0's queue as a cancel sees it, under one lock: a cancel finds
+/// its transfer running (and stops it) or queued (and takes it out, to be
+/// answered at once rather than when the running transfer ends), never in
 /// between.
 #[derive(Default)]
-struct ControlState {
+struct ControlQueue {
     running: Option<(RequestId, oneshot::Sender<()>)>,
-    queued: HashSet<RequestId>,
-    cancelled: HashSet<RequestId>,
+    queued: VecDeque<(Transfer, ReplySink)>,
+}
+
+impl ControlQueue {
+    /// The next transfer to run, recorded as running with `stop` to end it.
+    fn next(&mut self, stop: oneshot::Sender<()>) -> Option<(Transfer, ReplySink)> {
+        let next = self.queued.pop_front()?;
+        self.running = Some((next.1.id, stop));
+        Some(next)
+    }
+
+    /// Cancels request `id` if it is on endpoint 0.
+    fn cancel(&mut self, id: RequestId) -> ControlCancel {
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|(running, _)| *running == id)
+        {
+            if let Some((_, stop)) = self.running.take() {
+                let _ = stop.send(());
+            }
+            return ControlCancel::Stopped;
+        }
+        match self.queued.iter().position(|(_, reply)| reply.id == id) {
+            Some(index) => match self.queued.remove(index) {
+                Some((_, reply)) => ControlCancel::TakenOut(reply),
+                None => ControlCancel::NotHere,
+            },
+            None => ControlCancel::NotHere,
+        }
+    }
+
+    /// Stops the running transfer and takes out every waiting one.
+    fn cancel_all(&mut self) -> Vec<ReplySink> {
+        if let Some((_, stop)) = self.running.take() {
+            let _ = stop.send(());
+        }
+        self.queued.drain(..).map(|(_, reply)| reply).collect()
+    }
 }
 
 /// An open real device.
@@ -470,8 +514,9 @@ pub struct UsbfsDevice {
     interfaces: Mutex<HashMap<u8, nusb::Interface>>,
     alts: Mutex<HashMap<u8, u8>>,
     endpoints: Mutex<HashMap<u8, mpsc::UnboundedSender<EndpointCommand>>>,
-    control: mpsc::UnboundedSender<ControlCommand>,
-    control_state: ControlSlot,
+    /// One wake-up of the control worker per transfer queued on endpoint 0.
+    control_queued: mpsc::UnboundedSender<()>,
+    control: ControlSlot,
     /// The configuration the device had when opened, restored on close so
     /// the kernel drivers find the interfaces they had.
     opened_configuration: u8,
@@ -486,13 +531,9 @@ pub struct UsbfsDevice {
 
 impl UsbfsDevice {
     async fn start(device: nusb::Device, info: DeviceInfo) -> Result<UsbfsDevice, UsbError> {
-        let (control, control_rx) = mpsc::unbounded_channel();
-        let control_state: ControlSlot = Arc::default();
-        tokio::spawn(control_worker(
-            device.clone(),
-            control_rx,
-            control_state.clone(),
-        ));
+        let (control_queued, wake_ups) = mpsc::unbounded_channel();
+        let control: ControlSlot = Arc::default();
+        tokio::spawn(control_worker(device.clone(), wake_ups, control.clone()));
         let opened_configuration = info.active_configuration;
         let this = UsbfsDevice {
             device,
@@ -503,8 +544,8 @@ impl UsbfsDevice {
             interfaces: Mutex::default(),
             alts: Mutex::default(),
             endpoints: Mutex::default(),
+            control_queued,
             control,
-            control_state,
         };
         if let Err(e) = this.fresh_start().await {
             // Whatever was detached or claimed before the failure goes back.
@@ -631,12 +672,12 @@ impl UsbfsDevice {
             }
         };
         if resolved.address == 0 {
-            self.control_state
+            self.control
                 .lock()
-                .expect("control state lock")
+                .expect("control lock")
                 .queued
-                .insert(reply.id);
-            let _ = self.control.send(ControlCommand::Submit(transfer, reply));
+                .push_back((transfer, reply));
+            let _ = self.control_queued.send(());
             return;
         }
         let mut endpoints = self.endpoints.lock().expect("endpoints lock");
@@ -670,18 +711,14 @@ impl UsbfsDevice {
 
     /// Cancels the transfer of request `id` wherever it is queued.
     pub fn cancel(&self, id: RequestId) {
-        {
-            let mut control = self.control_state.lock().expect("control state lock");
-            if control.running.as_ref().is_some_and(|(rid, _)| *rid == id) {
-                if let Some((_, stop)) = control.running.take() {
-                    let _ = stop.send(());
-                }
+        let found = self.control.lock().expect("control lock").cancel(id);
+        match found {
+            ControlCancel::Stopped => return,
+            ControlCancel::TakenOut(reply) => {
+                tokio::spawn(reply.send(Err(UsbError::Cancelled)));
                 return;
             }
-            if control.queued.contains(&id) {
-                control.cancelled.insert(id);
-                return;
-            }
+            ControlCancel::NotHere => {}
         }
         for worker in self.endpoints.lock().expect("endpoints lock").values() {
             let _ = worker.send(EndpointCommand::Cancel(id));
@@ -829,15 +866,11 @@ impl UsbfsDevice {
         // An operation already running finishes (its claims fail), then
         // close undoes what it changed.
         let _operation = self.operation.lock().await;
-        {
-            // Endpoint 0 too: nothing queued runs on a device given back,
-            // and the one running ends now.
-            let mut control = self.control_state.lock().expect("control state lock");
-            let queued: Vec<RequestId> = control.queued.iter().copied().collect();
-            control.cancelled.extend(queued);
-            if let Some((_, stop)) = control.running.take() {
-                let _ = stop.send(());
-            }
+        // Endpoint 0 too: nothing queued runs on a device given back, and
+        // the one running ends now.
+        let waiting = self.control.lock().expect("control lock").cancel_all();
+        for reply in waiting {
+            reply.send(Err(UsbError::Cancelled)).await;
         }
         self.stop_endpoints(None).await;
         self.release_all();
@@ -1236,31 +1269,24 @@ fn finish(
     }
 }
 
+/// Runs endpoint 0's transfers one at a time, in order; ends with the device.
 async fn control_worker(
     device: nusb::Device,
-    mut commands: mpsc::UnboundedReceiver<ControlCommand>,
-    state: ControlSlot,
+    mut wake_ups: mpsc::UnboundedReceiver<()>,
+    queue: ControlSlot,
 ) {
-    while let Some(ControlCommand::Submit(transfer, reply)) = commands.recv().await {
+    while wake_ups.recv().await.is_some() {
         let (stop, stopped) = oneshot::channel();
-        let cancelled = {
-            let mut state = state.lock().expect("control state lock");
-            state.queued.remove(&reply.id);
-            let cancelled = state.cancelled.remove(&reply.id);
-            if !cancelled {
-                state.running = Some((reply.id, stop));
-            }
-            cancelled
-        };
-        if cancelled {
-            reply.send(Err(UsbError::Cancelled)).await;
+        let next = queue.lock().expect("control lock").next(stop);
+        // None: the transfer this wake-up was for has been cancelled.
+        let Some((transfer, reply)) = next else {
             continue;
-        }
+        };
         let result = tokio::select! {
             result = control_transfer(&device, &transfer) => result,
             _ = stopped => Err(UsbError::Cancelled),
         };
-        state.lock().expect("control state lock").running.take();
+        queue.lock().expect("control lock").running.take();
         reply
             .send_reply(result.and_then(|completion| transfer::answer(&transfer, completion)))
             .await;
@@ -1493,6 +1519,33 @@ mod tests {
         assert_eq!(settle(&packet, false, cancelled, 0, true), Settled::Forget);
         assert_eq!(settle(&packet, true, Ok(()), 0, true), Settled::Forget);
         assert_eq!(packet.deadline, None);
+    }
+
+    #[test]
+    fn a_waiting_control_transfer_is_taken_out_by_its_cancel() {
+        let (outgoing, _) = mpsc::channel(1);
+        let sink = |id| ReplySink::new(id, outgoing.clone(), None);
+        let mut queue = ControlQueue::default();
+        for id in 1..=3 {
+            queue.queued.push_back((read_transfer(8), sink(id)));
+        }
+        let (stop, mut stopped) = oneshot::channel();
+        assert_eq!(queue.next(stop).map(|(_, r)| r.id), Some(1));
+        // Waiting: out of the queue at once, for the caller to answer.
+        assert!(matches!(queue.cancel(3), ControlCancel::TakenOut(r) if r.id == 3));
+        assert!(matches!(queue.cancel(3), ControlCancel::NotHere));
+        assert!(matches!(queue.cancel(99), ControlCancel::NotHere));
+        // Running: told to stop; its worker answers it.
+        assert!(matches!(queue.cancel(1), ControlCancel::Stopped));
+        assert_eq!(stopped.try_recv(), Ok(()));
+        let (stop, _) = oneshot::channel();
+        assert_eq!(queue.next(stop).map(|(_, r)| r.id), Some(2));
+        let (stop, _) = oneshot::channel();
+        assert!(queue.next(stop).is_none(), "3 was taken out");
+        queue.queued.push_back((read_transfer(8), sink(4)));
+        let ids: Vec<RequestId> = queue.cancel_all().iter().map(|r| r.id).collect();
+        assert_eq!(ids, [4]);
+        assert!(queue.running.is_none());
     }
 
     #[test]
