@@ -14,7 +14,6 @@
 //! attached again if it returns within [`RETURN_WAIT`].
 
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,10 +21,10 @@ use p2p_usb_common::proto::{DeviceInfo, DeviceKey, UsbError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::attachments::RecordFile;
 use crate::client::{self, Client, ClientError};
 use crate::print_line;
 use crate::usbip::gateway::Remote;
-use crate::usbip::proto::UsbDevice;
 use crate::usbip::urbs::{self, EndReason, RemoteDevice};
 use crate::usbip::{speed_code, usbip_device};
 use crate::vhci::{self, VhciError};
@@ -55,22 +54,6 @@ pub enum AttachError {
     },
 }
 
-/// Where attach records live, so `status` can say what is attached where.
-pub fn records_dir() -> PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("p2p-usb-{}", nix::unistd::geteuid())))
-        .join("p2p-usb")
-        .join("attached")
-}
-
-/// The directory [`records_dir`] lives in and that is trusted as it is.
-fn records_base() -> PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
-
 /// Attaches `device` of `server` until detached, stopped, or gone for good.
 pub async fn run(
     client: Arc<Client>,
@@ -93,6 +76,13 @@ pub async fn run(
     };
     let devices = devices.map_err(ClientError::from)?;
     let key = client::pick_device(&devices, device)?.key.clone();
+    // What `status` and `detach DEVICE` know of this process.
+    let mut record = RecordFile::create(remote.id().to_string(), key.clone());
+    let mut say = |port: Option<u32>, state: String| {
+        if let Some(record) = &mut record {
+            record.set(port, state);
+        }
+    };
     let mut opened = Some((session, events));
     let mut backoff = BACKOFF_START;
     // Not reset by a successful attach: a kernel stream that keeps failing
@@ -115,6 +105,7 @@ pub async fn run(
                 Some(Err(e @ ClientError::NotApproved { .. })) => return Err(e.into()),
                 Some(Err(e)) => {
                     tracing::warn!(device = %key, "reconnecting in {backoff:?}: {e}");
+                    say(None, format!("reconnecting: {e}"));
                     if !back_off(&mut backoff, &stop).await {
                         return Ok(());
                     }
@@ -137,6 +128,7 @@ pub async fn run(
                 session.close();
                 let since = *gone_since.get_or_insert_with(Instant::now);
                 tracing::warn!(device = %key, "cannot open it again ({e}); waiting for it");
+                say(None, format!("waiting for the device: {e}"));
                 // Listed but not openable (still re-enumerating, say): a
                 // pause before trying again, and no longer than the wait.
                 if !back_off(&mut backoff, &stop).await
@@ -149,6 +141,7 @@ pub async fn run(
             Err(OpenError::Failed(e)) if attached_before && passing(&e) => {
                 session.close();
                 tracing::warn!(device = %key, "re-attaching in {backoff:?}: {e}");
+                say(None, format!("re-attaching: {e}"));
                 if !back_off(&mut backoff, &stop).await {
                     return Ok(());
                 }
@@ -179,7 +172,10 @@ pub async fn run(
         )?;
         // The kernel holds its own reference to its end now.
         drop(kernels);
-        let record = write_record(port.port, &remote, &key, &usbip);
+        say(
+            Some(port.port),
+            format!("attached as busid {}", usbip.busid),
+        );
         tracing::info!(device = %key, port = port.port, "attached {} at vhci port {}", info.display_name(), port.port);
         print_line(&format!(
             "attached {key} ({}) at vhci port {}",
@@ -199,9 +195,6 @@ pub async fn run(
             stop.child_token(),
         )
         .await;
-        if let Some(record) = record {
-            let _ = std::fs::remove_file(record);
-        }
         tracing::info!(device = %key, port = port.port, "detached: {reason}");
         match reason {
             EndReason::ClientClosed | EndReason::Stopped => {
@@ -212,6 +205,7 @@ pub async fn run(
                 print_line(&format!(
                     "{key} left the server; detached, waiting for it to come back"
                 ));
+                say(None, "waiting for the device to come back".into());
                 let since = *gone_since.insert(Instant::now());
                 if !wait_for_return(&remote, &key, since + RETURN_WAIT, &stop).await? {
                     return Ok(());
@@ -221,11 +215,13 @@ pub async fn run(
                 print_line(&format!(
                     "lost the server ({reason}); detached {key}, re-attaching when it is back"
                 ));
+                say(None, format!("reconnecting: {reason}"));
             }
             EndReason::Protocol(reason) => {
                 print_line(&format!(
                     "the kernel's USB/IP stream could not be read ({reason}); detached {key}, attaching it again in {stream_backoff:?}"
                 ));
+                say(None, format!("attaching again: {reason}"));
                 if !back_off(&mut stream_backoff, &stop).await {
                     return Ok(());
                 }
@@ -312,93 +308,4 @@ async fn wait_for_return(
         key: key.clone(),
         last,
     })
-}
-
-/// Creates `dir` below `base` owner-only (0700). Without XDG_RUNTIME_DIR the
-/// records live under the shared temporary directory, where another user
-/// could have planted `/tmp/p2p-usb-UID` (or a symlink) to have us write into
-/// a place of their choosing: every component below `base` must be a real
-/// directory owned by us and writable by nobody else.
-fn private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    if !dir.starts_with(base) {
-        return Err(std::io::Error::other(format!(
-            "{} is not below {}",
-            dir.display(),
-            base.display()
-        )));
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let uid = nix::unistd::geteuid().as_raw();
-    let mut path = dir;
-    while path != base {
-        let meta = std::fs::symlink_metadata(path)?;
-        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
-            return Err(std::io::Error::other(format!(
-                "{} is not a private directory of uid {uid}",
-                path.display()
-            )));
-        }
-        let Some(parent) = path.parent() else { break };
-        path = parent;
-    }
-    Ok(())
-}
-
-fn write_record(
-    port: u32,
-    remote: &Remote,
-    key: &DeviceKey,
-    device: &UsbDevice,
-) -> Option<PathBuf> {
-    let dir = records_dir();
-    private_dir(&records_base(), &dir).ok()?;
-    let path = dir.join(port.to_string());
-    let text = format!(
-        "port = {port}\nserver = \"{}\"\ndevice = \"{key}\"\nbusid = \"{}\"\npid = {}\n",
-        remote.id(),
-        device.busid,
-        std::process::id()
-    );
-    std::fs::write(&path, text).ok()?;
-    Some(path)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn records_go_only_into_private_directories() {
-        let base = tempfile::tempdir().unwrap();
-        let dir = base
-            .path()
-            .join("p2p-usb-1")
-            .join("p2p-usb")
-            .join("attached");
-        private_dir(base.path(), &dir).unwrap();
-        let mode = std::fs::metadata(base.path().join("p2p-usb-1"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "{mode:o}");
-
-        // Planted by someone else: writable by others.
-        let planted = base.path().join("p2p-usb-2");
-        std::fs::create_dir(&planted).unwrap();
-        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(private_dir(base.path(), &planted.join("p2p-usb").join("attached")).is_err());
-
-        // A symlink to a place of someone else's choosing.
-        let target = base.path().join("elsewhere");
-        std::fs::create_dir(&target).unwrap();
-        std::os::unix::fs::symlink(&target, base.path().join("p2p-usb-3")).unwrap();
-        assert!(private_dir(base.path(), &base.path().join("p2p-usb-3").join("x")).is_err());
-
-        assert!(private_dir(base.path(), Path::new("/elsewhere/p2p-usb")).is_err());
-    }
 }

@@ -247,32 +247,42 @@ pub fn pick_device<'a>(
     devices: &'a [DeviceInfo],
     spec: &str,
 ) -> Result<&'a DeviceInfo, ClientError> {
-    let by_key = devices.iter().find(|d| d.key.to_string() == spec);
-    let by_bus = || devices.iter().find(|d| d.key.bus_path == spec);
+    pick_by_key(devices, |d| &d.key, spec).ok_or_else(|| ClientError::NoSuchDevice {
+        spec: spec.to_string(),
+        available: if devices.is_empty() {
+            "no devices".into()
+        } else {
+            devices
+                .iter()
+                .map(|d| d.key.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    })
+}
+
+/// The item whose device key `spec` names: the whole key, its bus path, or
+/// a VID:PID that only one of them has. The one reading of a device named
+/// on the command line, for `attach` and `detach` alike.
+pub fn pick_by_key<'a, T>(
+    items: &'a [T],
+    key: impl Fn(&T) -> &DeviceKey,
+    spec: &str,
+) -> Option<&'a T> {
+    let by_key = || items.iter().find(|i| key(i).to_string() == spec);
+    let by_bus = || items.iter().find(|i| key(i).bus_path == spec);
     let by_ids = || {
-        let mut matches = devices.iter().filter(|d| {
-            format!("{:04x}:{:04x}", d.key.vid, d.key.pid) == spec.to_ascii_lowercase()
+        let ids = spec.to_ascii_lowercase();
+        let mut matches = items.iter().filter(|i| {
+            let k = key(i);
+            format!("{:04x}:{:04x}", k.vid, k.pid) == ids
         });
         match (matches.next(), matches.next()) {
             (Some(one), None) => Some(one),
             _ => None,
         }
     };
-    by_key
-        .or_else(by_bus)
-        .or_else(by_ids)
-        .ok_or_else(|| ClientError::NoSuchDevice {
-            spec: spec.to_string(),
-            available: if devices.is_empty() {
-                "no devices".into()
-            } else {
-                devices
-                    .iter()
-                    .map(|d| d.key.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-        })
+    by_key().or_else(by_bus).or_else(by_ids)
 }
 
 #[cfg(test)]

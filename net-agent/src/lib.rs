@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod attachments;
 pub mod client;
 pub mod control;
 pub mod demo;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use p2p_usb_agent::attach::{self, AttachError};
+use p2p_usb_agent::attachments::{self, AttachRecord, DetachError};
 use p2p_usb_agent::client::{self, Client, ClientError};
 use p2p_usb_agent::demo::{self, DemoOptions};
 use p2p_usb_agent::helper_link::format_table;
@@ -35,9 +36,10 @@ enum Command {
     /// Attach a remote device to this machine's kernel (vhci_hcd); runs until detached.
     /// DEVICE: stable key, bus id (e.g. 1-1.2) or VID:PID
     Attach { server: String, device: String },
-    /// Detach the device on a vhci port (see `status`)
-    Detach { port: u32 },
-    /// Show devices attached through vhci_hcd
+    /// End an attach: TARGET is a vhci port, or a DEVICE of one of your `p2p-usb attach`
+    /// processes (also one that is reconnecting and holds no port); see `status`
+    Detach { target: String },
+    /// Show devices attached through vhci_hcd, and your attach processes
     Status,
     /// Serve a server's devices as standard USB/IP on loopback, for `usbip attach` and usbip-win2
     ServeUsbip {
@@ -77,12 +79,13 @@ async fn run(args: Args) -> i32 {
             Err(e) => fail(e, exit::FAILURE),
         };
     }
-    if let Command::Detach { port } = args.command {
-        return match vhci::detach(&vhci::default_root(), port) {
-            Ok(()) => {
-                println!("detached vhci port {port}");
+    if let Command::Detach { target } = args.command {
+        return match attachments::detach(&vhci::default_root(), &target).await {
+            Ok(done) => {
+                println!("{done}");
                 exit::OK
             }
+            Err(e @ DetachError::NoAttach { .. }) => fail(e, exit::DATA),
             Err(e) => fail(e, exit::OS),
         };
     }
@@ -220,21 +223,26 @@ fn status() -> i32 {
         Ok(ports) => ports,
         Err(e) => return fail(e, exit::OS),
     };
-    let records = attach::records_dir();
+    let records = attachments::list();
     let mut rows = vec![vec![
         "PORT".to_string(),
         "SPEED".into(),
         "DEVID".into(),
         "ATTACHED BY".into(),
     ]];
+    // Servers by the start of their EndpointId, as iroh shortens them.
+    let by = |r: &AttachRecord| {
+        let server = r.server.get(..10).unwrap_or(&r.server);
+        format!(
+            "device {} of server {server}… (pid {}): {}",
+            r.device, r.pid, r.state
+        )
+    };
     for port in ports.iter().filter(|p| !p.is_free()) {
-        let record = std::fs::read_to_string(records.join(port.port.to_string()))
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find(|l| l.starts_with("device"))
-                    .map(|l| l.to_string())
-            })
+        let record = records
+            .iter()
+            .find(|r| r.port == Some(port.port))
+            .map(by)
             .unwrap_or_else(|| "another process (e.g. usbip attach)".into());
         rows.push(vec![
             port.port.to_string(),
@@ -242,6 +250,10 @@ fn status() -> i32 {
             format!("{:08x}", port.devid),
             record,
         ]);
+    }
+    // Attach processes between reconnects hold no port.
+    for record in records.iter().filter(|r| r.port.is_none()) {
+        rows.push(vec!["-".into(), "-".into(), "-".into(), by(record)]);
     }
     if rows.len() == 1 {
         println!("no device is attached through vhci_hcd");

@@ -11,6 +11,8 @@
 #     client (still running) attaches the stick again by itself.
 #  E. kill -9 of the helper while a (frozen) client holds the stick: the restarted helper
 #     hands the driverless interfaces back, so the stick is a local disk again.
+#  F. `p2p-usb status` and `p2p-usb detach DEVICE` reach an attach that is between
+#     reconnects (the agent stopped), which holds no vhci port.
 # The harness fails the run on any Oops/BUG/hung task in dmesg.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -199,6 +201,32 @@ wait_no_vhci "$VM_STICK_VIDPID" 60
 wait_for 30 "E: stick on usb-storage at the end" usb_blockdev "$stick" >/dev/null ||
   fail "E: stick not on usb-storage after the detach"
 expect_stick_sha256 "$(usb_blockdev "$stick")"
+
+# === F. detach by device while the client reconnects =====================================
+log "F: p2p-usb status and detach DEVICE while the client is between reconnects"
+attach_stick F
+as_tester p2p-usb status | tee /run/vmtest-40.status | indent "status"
+grep -E "^[0-9]+ .*$VM_STICK_VIDPID.*\(pid $(attach_pid F)\): attached" /run/vmtest-40.status >/dev/null ||
+  fail "F: status does not show the attached stick with its process"
+systemctl stop p2p-usb-agent.service
+lost() { grep -q "lost the server" "$(attach_log F)"; }
+wait_for 30 "F: the client to notice the server is gone" lost
+wait_no_vhci "$VM_STICK_VIDPID" 30
+as_tester p2p-usb status | tee /run/vmtest-40.status | indent "status"
+grep -E "^- .*$VM_STICK_VIDPID.*\(pid $(attach_pid F)\): reconnecting" /run/vmtest-40.status >/dev/null ||
+  fail "F: status does not show the reconnecting attach"
+as_tester p2p-usb detach "$VM_STICK_VIDPID" | tee /run/vmtest-40.detach | indent "detach"
+has "^stopped the attach of .*$VM_STICK_VIDPID" /run/vmtest-40.detach || fail "F: p2p-usb detach $VM_STICK_VIDPID did not stop the attach"
+not attach_running F || { show_attach F; fail "F: the attach process still runs after p2p-usb detach"; }
+[ "$(as_tester p2p-usb status)" = "no device is attached through vhci_hcd" ] || fail "F: status still lists an attach"
+rc=0
+as_tester p2p-usb detach "$VM_STICK_VIDPID" 2>/run/vmtest-40.detach || rc=$?
+if [ "$rc" != 65 ] || not has "no \`p2p-usb attach\` of" /run/vmtest-40.detach; then
+  fail "F: a second detach: exit $rc, $(cat /run/vmtest-40.detach)"
+fi
+systemctl start p2p-usb-agent.service
+p2p_wait_ready 60
+log "F: the reconnecting attach was listed and stopped by p2p-usb detach $VM_STICK_VIDPID"
 
 dmesg_since /run/vmtest-40.dmesg | indent "dmesg" | tail -n 80
 if dmesg_since /run/vmtest-40.dmesg | grep -E 'blocked for more than|hung_task|Oops|BUG:' >/dev/null; then

@@ -1,0 +1,358 @@
+//! The `p2p-usb attach` processes of this user, as `status` and `detach`
+//! see them. Every attach process keeps one record, named by its pid, in a
+//! private runtime directory: the device, the server, what it is doing, and
+//! the vhci port while the device is attached. Between reconnects the device
+//! has no port, and the record is how `p2p-usb detach DEVICE` still finds the
+//! process.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use p2p_usb_common::proto::DeviceKey;
+use serde::{Deserialize, Serialize};
+
+use crate::client;
+use crate::vhci::{self, VhciError};
+
+/// How long `detach` waits for an attach process it signalled to end.
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// What one attach process is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttachRecord {
+    pub pid: u32,
+    /// The process's start time (clock ticks after boot, from
+    /// `/proc/PID/stat`), so a pid taken over by another process after a
+    /// crash does not pass for the attach.
+    pub started: u64,
+    /// The server's EndpointId.
+    pub server: String,
+    /// The vhci port while the device is attached.
+    pub port: Option<u32>,
+    /// What the process does now, in words: "attached", "reconnecting: …".
+    pub state: String,
+    pub device: DeviceKey,
+}
+
+/// The record of this process, kept up to date and removed when dropped.
+pub struct RecordFile {
+    path: PathBuf,
+    record: AttachRecord,
+}
+
+impl RecordFile {
+    /// Records that this process attaches `device` of `server`. Best effort:
+    /// without a record the attach works the same, `status` and `detach
+    /// DEVICE` just do not know of it.
+    pub fn create(server: String, device: DeviceKey) -> Option<RecordFile> {
+        let pid = std::process::id();
+        let record = AttachRecord {
+            pid,
+            started: start_time(pid)?,
+            server,
+            port: None,
+            state: "connecting".into(),
+            device,
+        };
+        let dir = records_dir();
+        if let Err(e) = private_dir(&records_base(), &dir) {
+            tracing::debug!("no attach record: {e}");
+            return None;
+        }
+        let file = RecordFile {
+            path: dir.join(pid.to_string()),
+            record,
+        };
+        file.write();
+        Some(file)
+    }
+
+    /// Says what the process does now.
+    pub fn set(&mut self, port: Option<u32>, state: impl Into<String>) {
+        self.record.port = port;
+        self.record.state = state.into();
+        self.write();
+    }
+
+    /// Written whole and renamed into place: readers never see half a record.
+    fn write(&self) {
+        let Ok(text) = toml::to_string(&self.record) else {
+            return;
+        };
+        let partial = self.path.with_extension("new");
+        if let Err(e) =
+            std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, &self.path))
+        {
+            tracing::debug!("cannot write {}: {e}", self.path.display());
+        }
+    }
+}
+
+impl Drop for RecordFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The attach processes of this user that are running, by pid. Records of
+/// processes that are gone (killed, crashed) are removed on the way.
+pub fn list() -> Vec<AttachRecord> {
+    list_in(&records_dir())
+}
+
+fn list_in(dir: &Path) -> Vec<AttachRecord> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut records: Vec<AttachRecord> = entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_str().is_some_and(is_pid))
+        .filter_map(|entry| {
+            let record = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|text| toml::from_str::<AttachRecord>(&text).ok());
+            match record {
+                Some(record) if start_time(record.pid) == Some(record.started) => Some(record),
+                _ => {
+                    let _ = std::fs::remove_file(entry.path());
+                    None
+                }
+            }
+        })
+        .collect();
+    records.sort_by_key(|r| r.pid);
+    records
+}
+
+fn is_pid(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // from the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Why `p2p-usb detach` could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DetachError {
+    #[error(transparent)]
+    Vhci(#[from] VhciError),
+    #[error("no `p2p-usb attach` of {spec:?} runs as this user ({running})")]
+    NoAttach { spec: String, running: String },
+    #[error("cannot stop the attach process {pid}: {source}")]
+    Signal { pid: u32, source: nix::Error },
+    #[error("the attach process {pid} did not end within {STOP_WAIT:?}")]
+    StillRunning { pid: u32 },
+}
+
+/// Ends an attach: `target` is a vhci port number, or a device as `attach`
+/// takes it (key, bus path, VID:PID) naming one of this user's attach
+/// processes. An attached device is detached from its port (its process
+/// then ends by itself); a process between reconnects, which holds no port,
+/// is stopped with SIGTERM. Returns what was done, in words.
+pub async fn detach(vhci_root: &Path, target: &str) -> Result<String, DetachError> {
+    if let Ok(port) = target.parse::<u32>() {
+        vhci::detach(vhci_root, port)?;
+        return Ok(format!("detached vhci port {port}"));
+    }
+    let records = list();
+    let Some(record) = client::pick_by_key(&records, |r| &r.device, target) else {
+        let running = if records.is_empty() {
+            "none runs".to_string()
+        } else {
+            let devices: Vec<String> = records.iter().map(|r| r.device.to_string()).collect();
+            format!("running: {}", devices.join(", "))
+        };
+        return Err(DetachError::NoAttach {
+            spec: target.into(),
+            running,
+        });
+    };
+    if let Some(port) = record.port {
+        vhci::detach(vhci_root, port)?;
+        return Ok(format!("detached vhci port {port} ({})", record.device));
+    }
+    stop(record).await?;
+    Ok(format!(
+        "stopped the attach of {} (pid {}), which was not attached: {}",
+        record.device, record.pid, record.state
+    ))
+}
+
+/// SIGTERM to the attach process, then waits until it is gone.
+async fn stop(record: &AttachRecord) -> Result<(), DetachError> {
+    let pid = record.pid;
+    let raw = i32::try_from(pid).map_err(|_| DetachError::Signal {
+        pid,
+        source: nix::Error::ESRCH,
+    })?;
+    match kill(Pid::from_raw(raw), Signal::SIGTERM) {
+        Ok(()) => {}
+        Err(nix::Error::ESRCH) => return Ok(()),
+        Err(source) => return Err(DetachError::Signal { pid, source }),
+    }
+    let deadline = tokio::time::Instant::now() + STOP_WAIT;
+    while start_time(pid) == Some(record.started) {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DetachError::StillRunning { pid });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Where attach records live.
+fn records_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("p2p-usb-{}", nix::unistd::geteuid())))
+        .join("p2p-usb")
+        .join("attached")
+}
+
+/// The directory [`records_dir`] lives in and that is trusted as it is.
+fn records_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Creates `dir` below `base` owner-only (0700). Without XDG_RUNTIME_DIR the
+/// records live under the shared temporary directory, where another user
+/// could have planted `/tmp/p2p-usb-UID` (or a symlink) to have us write into
+/// a place of their choosing: every component below `base` must be a real
+/// directory owned by us and writable by nobody else.
+fn private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !dir.starts_with(base) {
+        return Err(std::io::Error::other(format!(
+            "{} is not below {}",
+            dir.display(),
+            base.display()
+        )));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut path = dir;
+    while path != base {
+        let meta = std::fs::symlink_metadata(path)?;
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} is not a private directory of uid {uid}",
+                path.display()
+            )));
+        }
+        let Some(parent) = path.parent() else { break };
+        path = parent;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn records_go_only_into_private_directories() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base
+            .path()
+            .join("p2p-usb-1")
+            .join("p2p-usb")
+            .join("attached");
+        private_dir(base.path(), &dir).unwrap();
+        let mode = std::fs::metadata(base.path().join("p2p-usb-1"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+
+        // Planted by someone else: writable by others.
+        let planted = base.path().join("p2p-usb-2");
+        std::fs::create_dir(&planted).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(private_dir(base.path(), &planted.join("p2p-usb").join("attached")).is_err());
+
+        // A symlink to a place of someone else's choosing.
+        let target = base.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        std::os::unix::fs::symlink(&target, base.path().join("p2p-usb-3")).unwrap();
+        assert!(private_dir(base.path(), &base.path().join("p2p-usb-3").join("x")).is_err());
+
+        assert!(private_dir(base.path(), Path::new("/elsewhere/p2p-usb")).is_err());
+    }
+
+    fn record(pid: u32, started: u64) -> AttachRecord {
+        AttachRecord {
+            pid,
+            started,
+            server: "ab".repeat(32),
+            port: Some(3),
+            state: "attached".into(),
+            device: "1-2/0627:0001/42".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn only_records_of_running_processes_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let mine = record(me, start_time(me).unwrap());
+        let write = |name: &str, record: &AttachRecord| {
+            std::fs::write(dir.path().join(name), toml::to_string(record).unwrap()).unwrap();
+        };
+        write(&me.to_string(), &mine);
+        // The pid is running, but it is another process than the one that
+        // wrote the record.
+        write("1", &record(1, start_time(1).unwrap_or(0) + 1));
+        // A pid that is not running.
+        write("999999999", &record(999_999_999, 5));
+        std::fs::write(dir.path().join("77"), "not a record").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "left alone").unwrap();
+
+        assert_eq!(list_in(dir.path()), vec![mine]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [me.to_string(), "notes.txt".into()]);
+    }
+
+    #[tokio::test]
+    async fn detaching_a_device_that_no_attach_holds_names_the_ones_running() {
+        let vhci = tempfile::tempdir().unwrap();
+        let err = detach(vhci.path(), "dead:beef").await.unwrap_err();
+        assert!(
+            matches!(&err, DetachError::NoAttach { spec, .. } if spec == "dead:beef"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_process_between_reconnects_is_stopped_by_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut held = record(pid, start_time(pid).unwrap());
+        held.port = None;
+        // Reaped as soon as it ends, as a shell reaps an attach it started.
+        let reaper = std::thread::spawn(move || child.wait().unwrap());
+        stop(&held).await.unwrap();
+        assert_eq!(reaper.join().unwrap().signal(), Some(libc::SIGTERM));
+    }
+}
