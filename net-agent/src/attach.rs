@@ -21,7 +21,7 @@ use p2p_usb_common::proto::{DeviceInfo, DeviceKey, UsbError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::attachments::RecordFile;
+use crate::attachments::{RecordFile, VhciSlot};
 use crate::client::{self, Client, ClientError};
 use crate::print_line;
 use crate::usbip::gateway::Remote;
@@ -78,9 +78,9 @@ pub async fn run(
     let key = client::pick_device(&devices, device)?.key.clone();
     // What `status` and `detach DEVICE` know of this process.
     let mut record = RecordFile::create(remote.id().to_string(), key.clone());
-    let mut say = |port: Option<u32>, state: String| {
+    let mut say = |attached: Option<VhciSlot>, state: String| {
         if let Some(record) = &mut record {
-            record.set(port, state);
+            record.set(attached, state);
         }
     };
     let mut opened = Some((session, events));
@@ -172,10 +172,11 @@ pub async fn run(
         )?;
         // The kernel holds its own reference to its end now.
         drop(kernels);
-        say(
-            Some(port.port),
-            format!("attached as busid {}", usbip.busid),
-        );
+        let slot = VhciSlot {
+            port: port.port,
+            devid: usbip.devid(),
+        };
+        say(Some(slot), format!("attached as busid {}", usbip.busid));
         tracing::info!(device = %key, port = port.port, "attached {} at vhci port {}", info.display_name(), port.port);
         print_line(&format!(
             "attached {key} ({}) at vhci port {}",

@@ -14,7 +14,7 @@ use p2p_usb_common::proto::DeviceKey;
 use serde::{Deserialize, Serialize};
 
 use crate::client;
-use crate::vhci::{self, VhciError};
+use crate::vhci::{self, VhciError, VhciPort};
 
 /// How long `detach` waits for an attach process it signalled to end.
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -29,11 +29,27 @@ pub struct AttachRecord {
     pub started: u64,
     /// The server's EndpointId.
     pub server: String,
-    /// The vhci port while the device is attached.
-    pub port: Option<u32>,
-    /// What the process does now, in words: "attached", "reconnecting: …".
+    /// What the process does now, in words: "attached …", "reconnecting: …".
     pub state: String,
+    /// Where the device is while it is attached.
+    pub attached: Option<VhciSlot>,
     pub device: DeviceKey,
+}
+
+/// The vhci port an attached device sits on, with the devid it was attached
+/// under: a port freed behind the process's back and taken by another
+/// device does not pass for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhciSlot {
+    pub port: u32,
+    pub devid: u32,
+}
+
+impl VhciSlot {
+    /// True if `port` holds this very attachment.
+    pub fn is(&self, port: &VhciPort) -> bool {
+        port.port == self.port && port.devid == self.devid && !port.is_free()
+    }
 }
 
 /// The record of this process, kept up to date and removed when dropped.
@@ -50,14 +66,14 @@ impl RecordFile {
         let pid = std::process::id();
         let record = AttachRecord {
             pid,
-            started: start_time(pid)?,
+            started: running_since(pid)?,
             server,
-            port: None,
             state: "connecting".into(),
+            attached: None,
             device,
         };
         let dir = records_dir();
-        if let Err(e) = private_dir(&records_base(), &dir) {
+        if let Err(e) = create_private_dir(&records_base(), &dir) {
             tracing::debug!("no attach record: {e}");
             return None;
         }
@@ -70,8 +86,8 @@ impl RecordFile {
     }
 
     /// Says what the process does now.
-    pub fn set(&mut self, port: Option<u32>, state: impl Into<String>) {
-        self.record.port = port;
+    pub fn set(&mut self, attached: Option<VhciSlot>, state: impl Into<String>) {
+        self.record.attached = attached;
         self.record.state = state.into();
         self.write();
     }
@@ -97,9 +113,19 @@ impl Drop for RecordFile {
 }
 
 /// The attach processes of this user that are running, by pid. Records of
-/// processes that are gone (killed, crashed) are removed on the way.
+/// processes that are gone (killed, crashed) are removed on the way. Read
+/// only from a directory that is this user's alone: anything else could
+/// hold records planted by another user.
 pub fn list() -> Vec<AttachRecord> {
-    list_in(&records_dir())
+    let dir = records_dir();
+    match check_private_dir(&records_base(), &dir) {
+        Ok(()) => list_in(&dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!("attach records not read: {e}");
+            Vec::new()
+        }
+    }
 }
 
 fn list_in(dir: &Path) -> Vec<AttachRecord> {
@@ -114,7 +140,7 @@ fn list_in(dir: &Path) -> Vec<AttachRecord> {
                 .ok()
                 .and_then(|text| toml::from_str::<AttachRecord>(&text).ok());
             match record {
-                Some(record) if start_time(record.pid) == Some(record.started) => Some(record),
+                Some(record) if running_since(record.pid) == Some(record.started) => Some(record),
                 _ => {
                     let _ = std::fs::remove_file(entry.path());
                     None
@@ -130,13 +156,17 @@ fn is_pid(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// Field 22 of `/proc/PID/stat`: when the process started.
-fn start_time(pid: u32) -> Option<u64> {
+/// When process `pid` started (field 22 of `/proc/PID/stat`), if it runs:
+/// a zombie, ended but not yet reaped by its parent, does not.
+fn running_since(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count
     // from the last ')'.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next()?, "Z" | "X" | "x") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Why `p2p-usb detach` could not do what it was asked.
@@ -146,6 +176,10 @@ pub enum DetachError {
     Vhci(#[from] VhciError),
     #[error("no `p2p-usb attach` of {spec:?} runs as this user ({running})")]
     NoAttach { spec: String, running: String },
+    #[error(
+        "{spec:?} names more than one `p2p-usb attach`: {candidates}; give the vhci port or the whole device key"
+    )]
+    Ambiguous { spec: String, candidates: String },
     #[error("cannot stop the attach process {pid}: {source}")]
     Signal { pid: u32, source: nix::Error },
     #[error("the attach process {pid} did not end within {STOP_WAIT:?}")]
@@ -162,28 +196,60 @@ pub async fn detach(vhci_root: &Path, target: &str) -> Result<String, DetachErro
         vhci::detach(vhci_root, port)?;
         return Ok(format!("detached vhci port {port}"));
     }
-    let records = list();
-    let Some(record) = client::pick_by_key(&records, |r| &r.device, target) else {
-        let running = if records.is_empty() {
-            "none runs".to_string()
-        } else {
-            let devices: Vec<String> = records.iter().map(|r| r.device.to_string()).collect();
-            format!("running: {}", devices.join(", "))
-        };
-        return Err(DetachError::NoAttach {
-            spec: target.into(),
-            running,
-        });
+    detach_record(vhci_root, &list(), target).await
+}
+
+async fn detach_record(
+    vhci_root: &Path,
+    records: &[AttachRecord],
+    target: &str,
+) -> Result<String, DetachError> {
+    let record = match client::named_by(records, |r| &r.device, target).as_slice() {
+        [one] => *one,
+        [] => {
+            let running = if records.is_empty() {
+                "none runs".to_string()
+            } else {
+                let devices: Vec<String> = records.iter().map(|r| r.device.to_string()).collect();
+                format!("running: {}", devices.join(", "))
+            };
+            return Err(DetachError::NoAttach {
+                spec: target.into(),
+                running,
+            });
+        }
+        many => {
+            let candidates: Vec<String> = many.iter().map(|r| describe(r)).collect();
+            return Err(DetachError::Ambiguous {
+                spec: target.into(),
+                candidates: candidates.join("; "),
+            });
+        }
     };
-    if let Some(port) = record.port {
-        vhci::detach(vhci_root, port)?;
-        return Ok(format!("detached vhci port {port} ({})", record.device));
+    if let Some(slot) = record.attached
+        && vhci::ports(vhci_root)?.iter().any(|port| slot.is(port))
+    {
+        vhci::detach(vhci_root, slot.port)?;
+        return Ok(format!(
+            "detached vhci port {} ({})",
+            slot.port, record.device
+        ));
     }
     stop(record).await?;
     Ok(format!(
         "stopped the attach of {} (pid {}), which was not attached: {}",
         record.device, record.pid, record.state
     ))
+}
+
+/// One attach in a line: device, server, process, what it does.
+pub fn describe(record: &AttachRecord) -> String {
+    // Servers by the start of their EndpointId, as iroh shortens them.
+    let server = record.server.get(..10).unwrap_or(&record.server);
+    format!(
+        "device {} of server {server}… (pid {}): {}",
+        record.device, record.pid, record.state
+    )
 }
 
 /// SIGTERM to the attach process, then waits until it is gone.
@@ -199,7 +265,7 @@ async fn stop(record: &AttachRecord) -> Result<(), DetachError> {
         Err(source) => return Err(DetachError::Signal { pid, source }),
     }
     let deadline = tokio::time::Instant::now() + STOP_WAIT;
-    while start_time(pid) == Some(record.started) {
+    while running_since(pid) == Some(record.started) {
         if tokio::time::Instant::now() >= deadline {
             return Err(DetachError::StillRunning { pid });
         }
@@ -208,10 +274,17 @@ async fn stop(record: &AttachRecord) -> Result<(), DetachError> {
     Ok(())
 }
 
-/// Where attach records live.
-fn records_dir() -> PathBuf {
+/// The user's runtime directory, if set to an absolute path (an empty or
+/// relative one would put records wherever the command runs).
+fn runtime_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
+        .filter(|dir| dir.is_absolute())
+}
+
+/// Where attach records live.
+fn records_dir() -> PathBuf {
+    runtime_dir()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("p2p-usb-{}", nix::unistd::geteuid())))
         .join("p2p-usb")
         .join("attached")
@@ -219,18 +292,13 @@ fn records_dir() -> PathBuf {
 
 /// The directory [`records_dir`] lives in and that is trusted as it is.
 fn records_base() -> PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
+    runtime_dir().unwrap_or_else(std::env::temp_dir)
 }
 
-/// Creates `dir` below `base` owner-only (0700). Without XDG_RUNTIME_DIR the
-/// records live under the shared temporary directory, where another user
-/// could have planted `/tmp/p2p-usb-UID` (or a symlink) to have us write into
-/// a place of their choosing: every component below `base` must be a real
-/// directory owned by us and writable by nobody else.
-fn private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+/// Creates `dir` below `base` owner-only (0700), then checks it as
+/// [`check_private_dir`] does.
+fn create_private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     if !dir.starts_with(base) {
         return Err(std::io::Error::other(format!(
             "{} is not below {}",
@@ -242,6 +310,23 @@ fn private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
+    check_private_dir(base, dir)
+}
+
+/// Without XDG_RUNTIME_DIR the records live under the shared temporary
+/// directory, where another user could have planted `/tmp/p2p-usb-UID` (or
+/// a symlink) to have us write, read or delete records in a place of their
+/// choosing: every component of `dir` below `base` must be a real directory
+/// owned by us and writable by nobody else.
+fn check_private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !dir.starts_with(base) {
+        return Err(std::io::Error::other(format!(
+            "{} is not below {}",
+            dir.display(),
+            base.display()
+        )));
+    }
     let uid = nix::unistd::geteuid().as_raw();
     let mut path = dir;
     while path != base {
@@ -271,53 +356,62 @@ mod tests {
             .join("p2p-usb-1")
             .join("p2p-usb")
             .join("attached");
-        private_dir(base.path(), &dir).unwrap();
+        create_private_dir(base.path(), &dir).unwrap();
         let mode = std::fs::metadata(base.path().join("p2p-usb-1"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0, "{mode:o}");
 
-        // Planted by someone else: writable by others.
+        // Planted by someone else: writable by others. Neither written nor read.
         let planted = base.path().join("p2p-usb-2");
-        std::fs::create_dir(&planted).unwrap();
+        let inside = planted.join("p2p-usb").join("attached");
+        std::fs::create_dir_all(&inside).unwrap();
         std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(private_dir(base.path(), &planted.join("p2p-usb").join("attached")).is_err());
+        assert!(create_private_dir(base.path(), &inside).is_err());
+        assert!(check_private_dir(base.path(), &inside).is_err());
 
         // A symlink to a place of someone else's choosing.
         let target = base.path().join("elsewhere");
         std::fs::create_dir(&target).unwrap();
         std::os::unix::fs::symlink(&target, base.path().join("p2p-usb-3")).unwrap();
-        assert!(private_dir(base.path(), &base.path().join("p2p-usb-3").join("x")).is_err());
+        let linked = base.path().join("p2p-usb-3").join("x");
+        assert!(create_private_dir(base.path(), &linked).is_err());
+        assert!(check_private_dir(base.path(), &linked).is_err());
 
-        assert!(private_dir(base.path(), Path::new("/elsewhere/p2p-usb")).is_err());
+        assert!(create_private_dir(base.path(), Path::new("/elsewhere/p2p-usb")).is_err());
     }
 
-    fn record(pid: u32, started: u64) -> AttachRecord {
+    fn record(pid: u32, started: u64, device: &str) -> AttachRecord {
         AttachRecord {
             pid,
             started,
             server: "ab".repeat(32),
-            port: Some(3),
             state: "attached".into(),
-            device: "1-2/0627:0001/42".parse().unwrap(),
+            attached: Some(VhciSlot {
+                port: 3,
+                devid: 0x0001_0002,
+            }),
+            device: device.parse().unwrap(),
         }
     }
+
+    const KBD: &str = "1-2/0627:0001/42";
 
     #[test]
     fn only_records_of_running_processes_are_listed() {
         let dir = tempfile::tempdir().unwrap();
         let me = std::process::id();
-        let mine = record(me, start_time(me).unwrap());
+        let mine = record(me, running_since(me).unwrap(), KBD);
         let write = |name: &str, record: &AttachRecord| {
             std::fs::write(dir.path().join(name), toml::to_string(record).unwrap()).unwrap();
         };
         write(&me.to_string(), &mine);
         // The pid is running, but it is another process than the one that
         // wrote the record.
-        write("1", &record(1, start_time(1).unwrap_or(0) + 1));
+        write("1", &record(1, running_since(1).unwrap_or(0) + 1, KBD));
         // A pid that is not running.
-        write("999999999", &record(999_999_999, 5));
+        write("999999999", &record(999_999_999, 5, KBD));
         std::fs::write(dir.path().join("77"), "not a record").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "left alone").unwrap();
 
@@ -330,14 +424,56 @@ mod tests {
         assert_eq!(left, [me.to_string(), "notes.txt".into()]);
     }
 
+    #[test]
+    fn an_ended_process_not_yet_reaped_is_not_running() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped: a zombie until `wait`.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(running_since(pid), None);
+        child.wait().unwrap();
+        assert!(running_since(std::process::id()).is_some());
+    }
+
     #[tokio::test]
-    async fn detaching_a_device_that_no_attach_holds_names_the_ones_running() {
+    async fn detach_names_exactly_one_attach() {
         let vhci = tempfile::tempdir().unwrap();
-        let err = detach(vhci.path(), "dead:beef").await.unwrap_err();
-        assert!(
-            matches!(&err, DetachError::NoAttach { spec, .. } if spec == "dead:beef"),
-            "{err}"
-        );
+        let me = std::process::id();
+        let started = running_since(me).unwrap();
+        let records = [
+            record(me, started, KBD),
+            record(me, started, "1-3/0403:6001/A1"),
+            record(me, started, "1-4/0403:6001/B2"),
+        ];
+        match detach_record(vhci.path(), &records, "dead:beef").await {
+            Err(DetachError::NoAttach { spec, running }) => {
+                assert_eq!(spec, "dead:beef");
+                assert!(
+                    running.contains(KBD) && running.contains("1-4/0403:6001/B2"),
+                    "{running}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match detach_record(vhci.path(), &records, "0403:6001").await {
+            Err(DetachError::Ambiguous { candidates, .. }) => {
+                assert!(candidates.contains("1-3/0403:6001/A1"), "{candidates}");
+                assert!(candidates.contains("1-4/0403:6001/B2"), "{candidates}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same device through two servers.
+        let mut twice = records[0].clone();
+        twice.server = "cd".repeat(32);
+        let both = [records[0].clone(), twice];
+        assert!(matches!(
+            detach_record(vhci.path(), &both, "1-2").await,
+            Err(DetachError::Ambiguous { .. })
+        ));
     }
 
     #[tokio::test]
@@ -348,8 +484,8 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        let mut held = record(pid, start_time(pid).unwrap());
-        held.port = None;
+        let mut held = record(pid, running_since(pid).unwrap(), KBD);
+        held.attached = None;
         // Reaped as soon as it ends, as a shell reaps an attach it started.
         let reaper = std::thread::spawn(move || child.wait().unwrap());
         stop(&held).await.unwrap();

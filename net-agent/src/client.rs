@@ -247,42 +247,39 @@ pub fn pick_device<'a>(
     devices: &'a [DeviceInfo],
     spec: &str,
 ) -> Result<&'a DeviceInfo, ClientError> {
-    pick_by_key(devices, |d| &d.key, spec).ok_or_else(|| ClientError::NoSuchDevice {
-        spec: spec.to_string(),
-        available: if devices.is_empty() {
-            "no devices".into()
-        } else {
-            devices
-                .iter()
-                .map(|d| d.key.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
-    })
+    let named = named_by(devices, |d| &d.key, spec);
+    // A VID:PID that several devices share names none of them.
+    let [one] = named.as_slice() else {
+        return Err(ClientError::NoSuchDevice {
+            spec: spec.to_string(),
+            available: if devices.is_empty() {
+                "no devices".into()
+            } else {
+                devices
+                    .iter()
+                    .map(|d| d.key.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        });
+    };
+    Ok(one)
 }
 
-/// The item whose device key `spec` names: the whole key, its bus path, or
-/// a VID:PID that only one of them has. The one reading of a device named
-/// on the command line, for `attach` and `detach` alike.
-pub fn pick_by_key<'a, T>(
-    items: &'a [T],
-    key: impl Fn(&T) -> &DeviceKey,
-    spec: &str,
-) -> Option<&'a T> {
-    let by_key = || items.iter().find(|i| key(i).to_string() == spec);
-    let by_bus = || items.iter().find(|i| key(i).bus_path == spec);
-    let by_ids = || {
-        let ids = spec.to_ascii_lowercase();
-        let mut matches = items.iter().filter(|i| {
-            let k = key(i);
+/// The items whose device key `spec` names, read one way for `attach` and
+/// `detach`: the whole key, else its bus path, else its VID:PID; all items
+/// of the first reading that matches any.
+pub fn named_by<'a, T>(items: &'a [T], key: impl Fn(&T) -> &DeviceKey, spec: &str) -> Vec<&'a T> {
+    let ids = spec.to_ascii_lowercase();
+    let readings: [&dyn Fn(&DeviceKey) -> bool; 3] =
+        [&|k| k.to_string() == spec, &|k| k.bus_path == spec, &|k| {
             format!("{:04x}:{:04x}", k.vid, k.pid) == ids
-        });
-        match (matches.next(), matches.next()) {
-            (Some(one), None) => Some(one),
-            _ => None,
-        }
-    };
-    by_key().or_else(by_bus).or_else(by_ids)
+        }];
+    readings
+        .iter()
+        .map(|reading| items.iter().filter(|i| reading(key(i))).collect::<Vec<_>>())
+        .find(|matched| !matched.is_empty())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

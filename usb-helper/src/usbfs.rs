@@ -10,7 +10,8 @@
 //!
 //! nusb 0.2 can only cancel all transfers of an endpoint, so cancelling one
 //! transfer cancels the endpoint's queue and transparently resubmits the other
-//! transfers that had not moved any data yet, keeping their order. A bulk or
+//! transfers that had not moved any data yet, keeping their order (one that
+//! had moved some ends with an I/O error and what moved). A bulk or
 //! interrupt transfer whose `timeout_ms` runs out (counted from its
 //! submission) is cancelled the same way and answered `Timeout`. Control
 //! transfers cannot be cancelled in usbfs through nusb at all: a cancelled one
@@ -870,7 +871,7 @@ impl UsbfsDevice {
         // the one running ends now.
         let waiting = self.control.lock().expect("control lock").cancel_all();
         for reply in waiting {
-            reply.send(Err(UsbError::Cancelled)).await;
+            tokio::spawn(reply.send(Err(UsbError::Cancelled)));
         }
         self.stop_endpoints(None).await;
         self.release_all();
@@ -1008,6 +1009,9 @@ struct InFlight {
     deadline: Option<Instant>,
     /// Cancelled because its deadline passed: answered `Timeout`.
     timed_out: bool,
+    /// For a zero-length packet: its transfer completed in full, so the
+    /// packet must go out even if another transfer's cancel cuts it off.
+    owner_whole: bool,
 }
 
 impl InFlight {
@@ -1021,6 +1025,7 @@ impl InFlight {
             cancel_requested: false,
             deadline,
             timed_out: false,
+            owner_whole: false,
         }
     }
 
@@ -1039,6 +1044,7 @@ impl InFlight {
             cancel_requested: false,
             deadline: None,
             timed_out: false,
+            owner_whole: false,
         }
     }
 }
@@ -1056,22 +1062,27 @@ enum Settled {
     Forget,
 }
 
+/// The error of a transfer that had moved part of its data when another
+/// transfer's cancel or timeout cut it off (nusb cancels a whole endpoint).
+/// Not `Cancelled`: drivers take that as their own unlink and stop
+/// resubmitting (usbhid, usb-serial), and not success, which would hide the
+/// bytes that never moved.
+fn cut_short() -> UsbError {
+    UsbError::Io("cut short by the cancel of another transfer on its endpoint".into())
+}
+
 /// Decides what a completion means. `collateral` is true while the
 /// endpoint's queue drains for a cancel or a timeout of one of its transfers
-/// (not for a stop), for the transfers that were not themselves meant;
-/// `owner_whole` says whether the transfer a zero-length packet belongs to
-/// completed in full: then its packet, cut off by another transfer's
-/// cancel, still has to go out.
+/// (not for a stop), for the transfers that were not themselves meant.
 fn settle(
     item: &InFlight,
     collateral: bool,
     status: Result<(), TransferError>,
     actual_len: usize,
-    owner_whole: bool,
 ) -> Settled {
     let cancelled = status == Err(TransferError::Cancelled);
     if item.reply.is_none() {
-        return if cancelled && collateral && owner_whole {
+        return if cancelled && collateral && item.owner_whole {
             Settled::Resubmit
         } else {
             Settled::Forget
@@ -1079,8 +1090,9 @@ fn settle(
     }
     match status {
         Err(TransferError::Cancelled) if item.timed_out => Settled::Answer(Err(UsbError::Timeout)),
-        // Collateral that had already moved data: what moved, as a short transfer.
-        Err(TransferError::Cancelled) if collateral && actual_len > 0 => Settled::Answer(Ok(())),
+        Err(TransferError::Cancelled) if collateral && actual_len > 0 => {
+            Settled::Answer(Err(cut_short()))
+        }
         Err(TransferError::Cancelled) if collateral => Settled::Resubmit,
         status => Settled::Answer(status.map_err(map_transfer_error)),
     }
@@ -1113,9 +1125,6 @@ async fn run_endpoint<E: BulkOrInterrupt, D: EndpointDirection>(
     let mut resubmit: Vec<InFlight> = Vec::new();
     let mut draining = false;
     let mut stop: Option<oneshot::Sender<()>> = None;
-    // Whether the last answered transfer completed in full, for the
-    // zero-length packet that may follow it.
-    let mut owner_whole = false;
 
     loop {
         let next_deadline = in_flight
@@ -1127,18 +1136,22 @@ async fn run_endpoint<E: BulkOrInterrupt, D: EndpointDirection>(
             completion = endpoint.next_complete(), if endpoint.pending() > 0 => {
                 let Some(item) = in_flight.pop_front() else { continue };
                 let collateral = draining && !item.cancel_requested && stop.is_none();
-                match settle(&item, collateral, completion.status, completion.actual_len, owner_whole) {
+                match settle(&item, collateral, completion.status, completion.actual_len) {
                     Settled::Answer(status) => {
-                        owner_whole = status.is_ok() && !collateral;
+                        // Its zero-length packet, right behind it, must go out.
+                        if status.is_ok()
+                            && completion.actual_len == item.transfer.data.len() as usize
+                            && let Some(packet) = in_flight.front_mut()
+                            && packet.reply.is_none()
+                        {
+                            packet.owner_whole = true;
+                        }
                         if let Some(reply) = item.reply {
                             let result = finish(&item.transfer, completion.buffer, completion.actual_len, status);
                             reply.send_reply(result).await;
                         }
                     }
-                    Settled::Resubmit => {
-                        owner_whole = false;
-                        resubmit.push(item);
-                    }
+                    Settled::Resubmit => resubmit.push(item),
                     Settled::Forget => {}
                 }
                 if draining && endpoint.pending() == 0 {
@@ -1146,7 +1159,15 @@ async fn run_endpoint<E: BulkOrInterrupt, D: EndpointDirection>(
                     if stop.is_some() {
                         return stop;
                     }
-                    for item in resubmit.drain(..) {
+                    let now = Instant::now();
+                    for item in std::mem::take(&mut resubmit) {
+                        // Ran out of time while the queue drained: not sent again.
+                        if item.deadline.is_some_and(|d| d <= now)
+                            && let Some(reply) = item.reply
+                        {
+                            reply.send(Err(UsbError::Timeout)).await;
+                            continue;
+                        }
                         submit(endpoint, &mut in_flight, item, mps);
                     }
                 }
@@ -1475,50 +1496,49 @@ mod tests {
         let cancelled = Err(TransferError::Cancelled);
         // Its own deadline passed: Timeout, unless it completed first.
         assert_eq!(
-            settle(&in_flight(true), false, cancelled, 0, false),
+            settle(&in_flight(true), false, cancelled, 0),
             Settled::Answer(Err(UsbError::Timeout))
         );
         assert_eq!(
-            settle(&in_flight(true), false, Ok(()), 512, false),
+            settle(&in_flight(true), false, Ok(()), 512),
             Settled::Answer(Ok(()))
         );
         // Another transfer's cancel or timeout: back in if nothing moved,
-        // otherwise answered with what moved.
+        // otherwise an error with what moved (never a short success).
         assert_eq!(
-            settle(&in_flight(false), true, cancelled, 0, false),
+            settle(&in_flight(false), true, cancelled, 0),
             Settled::Resubmit
         );
         assert_eq!(
-            settle(&in_flight(false), true, cancelled, 100, false),
+            settle(&in_flight(false), true, cancelled, 100),
+            Settled::Answer(Err(cut_short()))
+        );
+        assert_eq!(
+            settle(&in_flight(false), true, Ok(()), 512),
             Settled::Answer(Ok(()))
         );
         // Cancelled for itself, or on a stop.
         assert_eq!(
-            settle(&in_flight(false), false, cancelled, 0, false),
+            settle(&in_flight(false), false, cancelled, 0),
             Settled::Answer(Err(UsbError::Cancelled))
         );
         assert_eq!(
-            settle(
-                &in_flight(false),
-                false,
-                Err(TransferError::Stall),
-                0,
-                false
-            ),
+            settle(&in_flight(false), false, Err(TransferError::Stall), 0),
             Settled::Answer(Err(UsbError::Stall))
         );
     }
 
     #[test]
     fn a_zero_length_packet_cut_off_by_another_cancel_goes_out_again() {
-        let packet = InFlight::zero_length_packet();
         let cancelled = Err(TransferError::Cancelled);
-        assert_eq!(settle(&packet, true, cancelled, 0, true), Settled::Resubmit);
-        // Its transfer failed, went back in itself, or the endpoint stops.
-        assert_eq!(settle(&packet, true, cancelled, 0, false), Settled::Forget);
-        assert_eq!(settle(&packet, false, cancelled, 0, true), Settled::Forget);
-        assert_eq!(settle(&packet, true, Ok(()), 0, true), Settled::Forget);
-        assert_eq!(packet.deadline, None);
+        let mut packet = InFlight::zero_length_packet();
+        // Its transfer failed or goes back in itself (bringing a new packet).
+        assert_eq!(settle(&packet, true, cancelled, 0), Settled::Forget);
+        packet.owner_whole = true;
+        assert_eq!(settle(&packet, true, cancelled, 0), Settled::Resubmit);
+        // The endpoint stops, or the packet went out.
+        assert_eq!(settle(&packet, false, cancelled, 0), Settled::Forget);
+        assert_eq!(settle(&packet, true, Ok(()), 0), Settled::Forget);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use p2p_usb_agent::attach::{self, AttachError};
-use p2p_usb_agent::attachments::{self, AttachRecord, DetachError};
+use p2p_usb_agent::attachments::{self, DetachError};
 use p2p_usb_agent::client::{self, Client, ClientError};
 use p2p_usb_agent::demo::{self, DemoOptions};
 use p2p_usb_agent::helper_link::format_table;
@@ -85,7 +85,9 @@ async fn run(args: Args) -> i32 {
                 println!("{done}");
                 exit::OK
             }
-            Err(e @ DetachError::NoAttach { .. }) => fail(e, exit::DATA),
+            Err(e @ (DetachError::NoAttach { .. } | DetachError::Ambiguous { .. })) => {
+                fail(e, exit::DATA)
+            }
             Err(e) => fail(e, exit::OS),
         };
     }
@@ -230,19 +232,11 @@ fn status() -> i32 {
         "DEVID".into(),
         "ATTACHED BY".into(),
     ]];
-    // Servers by the start of their EndpointId, as iroh shortens them.
-    let by = |r: &AttachRecord| {
-        let server = r.server.get(..10).unwrap_or(&r.server);
-        format!(
-            "device {} of server {server}… (pid {}): {}",
-            r.device, r.pid, r.state
-        )
-    };
     for port in ports.iter().filter(|p| !p.is_free()) {
         let record = records
             .iter()
-            .find(|r| r.port == Some(port.port))
-            .map(by)
+            .find(|r| r.attached.is_some_and(|slot| slot.is(port)))
+            .map(attachments::describe)
             .unwrap_or_else(|| "another process (e.g. usbip attach)".into());
         rows.push(vec![
             port.port.to_string(),
@@ -251,9 +245,19 @@ fn status() -> i32 {
             record,
         ]);
     }
-    // Attach processes between reconnects hold no port.
-    for record in records.iter().filter(|r| r.port.is_none()) {
-        rows.push(vec!["-".into(), "-".into(), "-".into(), by(record)]);
+    // Attach processes between reconnects hold no port (and one whose port
+    // was freed behind its back holds it no more).
+    let on_no_port = |r: &&attachments::AttachRecord| {
+        !r.attached
+            .is_some_and(|slot| ports.iter().any(|port| slot.is(port)))
+    };
+    for record in records.iter().filter(on_no_port) {
+        rows.push(vec![
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            attachments::describe(record),
+        ]);
     }
     if rows.len() == 1 {
         println!("no device is attached through vhci_hcd");
