@@ -8,8 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use p2p_usb_common::proto::DeviceKey;
 use serde::{Deserialize, Serialize};
 
@@ -181,7 +179,7 @@ pub enum DetachError {
     )]
     Ambiguous { spec: String, candidates: String },
     #[error("cannot stop the attach process {pid}: {source}")]
-    Signal { pid: u32, source: nix::Error },
+    Signal { pid: u32, source: std::io::Error },
     #[error("the attach process {pid} did not end within {STOP_WAIT:?}")]
     StillRunning { pid: u32 },
 }
@@ -252,26 +250,39 @@ pub fn describe(record: &AttachRecord) -> String {
     )
 }
 
-/// SIGTERM to the attach process, then waits until it is gone.
+/// SIGTERM to the attach process, then waits until it is gone. Through a
+/// pidfd taken before the process is checked once more: should the attach
+/// end in between and its pid go to another process, the signal cannot
+/// reach that one.
 async fn stop(record: &AttachRecord) -> Result<(), DetachError> {
     let pid = record.pid;
-    let raw = i32::try_from(pid).map_err(|_| DetachError::Signal {
-        pid,
-        source: nix::Error::ESRCH,
-    })?;
-    match kill(Pid::from_raw(raw), Signal::SIGTERM) {
-        Ok(()) => {}
-        Err(nix::Error::ESRCH) => return Ok(()),
-        Err(source) => return Err(DetachError::Signal { pid, source }),
+    let failed = |source: std::io::Error| DetachError::Signal { pid, source };
+    let Some(process) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return Ok(());
+    };
+    let pidfd = match rustix::process::pidfd_open(process, rustix::process::PidfdFlags::empty()) {
+        Ok(pidfd) => pidfd,
+        Err(rustix::io::Errno::SRCH) => return Ok(()),
+        Err(e) => return Err(failed(e.into())),
+    };
+    if running_since(pid) != Some(record.started) {
+        return Ok(());
     }
-    let deadline = tokio::time::Instant::now() + STOP_WAIT;
-    while running_since(pid) == Some(record.started) {
-        if tokio::time::Instant::now() >= deadline {
-            return Err(DetachError::StillRunning { pid });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::TERM)
+        .map_err(|e| failed(e.into()))?;
+    // A pidfd turns readable when its process has ended.
+    // SAFETY: `pidfd` is an open pidfd owned by the AsyncFd for its whole life.
+    let ended = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
     }
-    Ok(())
+    .map_err(|e| failed(e.into()))?;
+    match tokio::time::timeout(STOP_WAIT, ended.readable()).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(DetachError::StillRunning { pid }),
+    }
 }
 
 /// The user's runtime directory, if set to an absolute path (an empty or
