@@ -113,16 +113,13 @@ impl Drop for RecordFile {
 /// The attach processes of this user that are running, by pid. Records of
 /// processes that are gone (killed, crashed) are removed on the way. Read
 /// only from a directory that is this user's alone: anything else could
-/// hold records planted by another user.
-pub fn list() -> Vec<AttachRecord> {
+/// hold records planted by another user, and is an error.
+pub fn list() -> std::io::Result<Vec<AttachRecord>> {
     let dir = records_dir();
     match check_private_dir(&records_base(), &dir) {
-        Ok(()) => list_in(&dir),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            tracing::warn!("attach records not read: {e}");
-            Vec::new()
-        }
+        Ok(()) => Ok(list_in(&dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
     }
 }
 
@@ -172,6 +169,8 @@ fn running_since(pid: u32) -> Option<u64> {
 pub enum DetachError {
     #[error(transparent)]
     Vhci(#[from] VhciError),
+    #[error("cannot read the attach records: {0}")]
+    Records(std::io::Error),
     #[error("no `p2p-usb attach` of {spec:?} runs as this user ({running})")]
     NoAttach { spec: String, running: String },
     #[error(
@@ -194,7 +193,8 @@ pub async fn detach(vhci_root: &Path, target: &str) -> Result<String, DetachErro
         vhci::detach(vhci_root, port)?;
         return Ok(format!("detached vhci port {port}"));
     }
-    detach_record(vhci_root, &list(), target).await
+    let records = list().map_err(DetachError::Records)?;
+    detach_record(vhci_root, &records, target).await
 }
 
 async fn detach_record(

@@ -225,7 +225,10 @@ fn status() -> i32 {
         Ok(ports) => ports,
         Err(e) => return fail(e, exit::OS),
     };
-    let records = attachments::list();
+    let records = attachments::list().unwrap_or_else(|e| {
+        eprintln!("{PROGRAM}: attach records not read: {e}");
+        Vec::new()
+    });
     let mut rows = vec![vec![
         "PORT".to_string(),
         "SPEED".into(),
