@@ -39,6 +39,15 @@ use crate::quic_writer::QuicWriter;
 /// count up from 1 and never reach them.
 const INTERNAL_IDS: RequestId = 1 << 63;
 
+/// How long a stopping session waits for the client to have read its last
+/// notice (the stream's end acknowledged).
+const FINISH_WAIT: Duration = Duration::from_secs(1);
+/// How long a stopping session gives its downstream to send that notice
+/// and finish: longer than [`FINISH_WAIT`], so the wait is never cut off
+/// half way (the connection then closes, and with it whatever the client
+/// has not read yet).
+const NOTICE_WAIT: Duration = Duration::from_millis(1500);
+
 /// Frames forwarded per flush at most, so one direction of a busy session
 /// cannot hold back its own bytes for long.
 const MAX_BURST: usize = 64;
@@ -191,7 +200,7 @@ pub(crate) async fn run(
                 let _ = notices.send(Message::Event(Event::ShuttingDown {
                     reason: "server is shutting down".into(),
                 })).await;
-                let _ = tokio::time::timeout(Duration::from_millis(500), &mut downstream).await;
+                let _ = tokio::time::timeout(NOTICE_WAIT, &mut downstream).await;
                 break;
             }
         }
@@ -513,11 +522,7 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
 /// a closing connection does not swallow the last notice.
 async fn finish(mut to_client: Writer<QuicWriter>) {
     let _ = to_client.shutdown().await;
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        to_client.get_mut().get_mut().stopped(),
-    )
-    .await;
+    let _ = tokio::time::timeout(FINISH_WAIT, to_client.get_mut().get_mut().stopped()).await;
 }
 
 /// The reply to a judged request, under the client's own id: device lists
