@@ -306,17 +306,24 @@ fn records_base() -> PathBuf {
     runtime_dir().unwrap_or_else(std::env::temp_dir)
 }
 
+/// An error unless `dir` lies below `base`.
+fn below(base: &Path, dir: &Path) -> std::io::Result<()> {
+    if dir.starts_with(base) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} is not below {}",
+            dir.display(),
+            base.display()
+        )))
+    }
+}
+
 /// Creates `dir` below `base` owner-only (0700), then checks it as
 /// [`check_private_dir`] does.
 fn create_private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    if !dir.starts_with(base) {
-        return Err(std::io::Error::other(format!(
-            "{} is not below {}",
-            dir.display(),
-            base.display()
-        )));
-    }
+    below(base, dir)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -331,13 +338,7 @@ fn create_private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
 /// owned by us and writable by nobody else.
 fn check_private_dir(base: &Path, dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    if !dir.starts_with(base) {
-        return Err(std::io::Error::other(format!(
-            "{} is not below {}",
-            dir.display(),
-            base.display()
-        )));
-    }
+    below(base, dir)?;
     let uid = nix::unistd::geteuid().as_raw();
     let mut path = dir;
     while path != base {
