@@ -263,6 +263,14 @@ fn read_message(stream: &mut std::os::unix::net::UnixStream) -> Option<Message> 
     Some(p2p_usb_common::codec::decode_body(&body).expect("helper sends valid messages"))
 }
 
+/// The next message, which must be a reply: its id and body.
+fn read_reply(stream: &mut std::os::unix::net::UnixStream) -> (u64, Result<Reply, UsbError>) {
+    match read_message(stream) {
+        Some(Message::Reply { id, body }) => (id, body),
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
 #[test]
 fn malformed_and_oversized_frames_do_not_hurt_other_peers() {
     let helper = start_activated_helper("", None);
@@ -393,10 +401,6 @@ fn a_stopping_helper_does_not_wait_on_a_peer_that_does_not_read() {
 fn cancels_are_read_while_submits_wait_for_budget() {
     let helper = start_activated_helper("", None);
     let mut peer = greeted_by_hand(&helper.socket);
-    let answer = |peer: &mut std::os::unix::net::UnixStream| match read_message(peer) {
-        Some(Message::Reply { id, body }) => (id, body),
-        other => panic!("expected a reply, got {other:?}"),
-    };
     let handle = open_loopback_by_hand(&mut peer);
     // Sixteen reads of 4 MiB take the whole budget; the seventeenth waits.
     let max = p2p_usb_common::proto::MAX_TRANSFER_LEN;
@@ -408,7 +412,7 @@ fn cancels_are_read_while_submits_wait_for_budget() {
     );
     let cancel = |peer: &mut std::os::unix::net::UnixStream, request: u64| {
         send_request(peer, 1_000_000 + request, Request::Cancel { request });
-        let mut replies = vec![answer(peer), answer(peer)];
+        let mut replies = vec![read_reply(peer), read_reply(peer)];
         replies.sort_by_key(|(id, _)| *id);
         assert_eq!(
             replies,
@@ -429,7 +433,7 @@ fn cancels_are_read_while_submits_wait_for_budget() {
         ));
     }
     peer.write_all(&burst).unwrap();
-    match answer(&mut peer) {
+    match read_reply(&mut peer) {
         (id, Err(UsbError::Busy(_))) => assert_eq!(id, last_waiting + 1),
         other => panic!("{other:?}"),
     }
@@ -437,7 +441,7 @@ fn cancels_are_read_while_submits_wait_for_budget() {
     cancel(&mut peer, 100);
     // The connection is still in order.
     send_request(&mut peer, 4, Request::ListDevices);
-    assert!(matches!(answer(&mut peer), (4, Ok(Reply::Devices(_)))));
+    assert!(matches!(read_reply(&mut peer), (4, Ok(Reply::Devices(_)))));
 }
 
 #[test]
@@ -469,13 +473,9 @@ fn direct_device_operations_wait_behind_the_submits_before_them() {
     send_request(&mut peer, 300, Request::Cancel { request: 100 });
     let mut order = Vec::new();
     while order.len() < 5 {
-        match read_message(&mut peer) {
-            Some(Message::Reply { id, body }) => {
-                assert!(body.is_ok() || id == 100, "{id}: {body:?}");
-                order.push(id);
-            }
-            other => panic!("expected a reply, got {other:?}"),
-        }
+        let (id, body) = read_reply(&mut peer);
+        assert!(body.is_ok() || id == 100, "{id}: {body:?}");
+        order.push(id);
     }
     let at = |id| order.iter().position(|&x| x == id).unwrap();
     assert!(at(300) < at(201), "{order:?}");
@@ -494,13 +494,7 @@ fn a_reset_gets_through_while_reads_hold_the_whole_budget() {
     let budget_reads = reads_taking_the_whole_budget(&mut peer, handle);
     // A device operation holds no budget: it runs, and ends the reads.
     send_request(&mut peer, 200, Request::Reset { handle });
-    let mut replies = Vec::new();
-    while replies.len() < budget_reads as usize + 1 {
-        match read_message(&mut peer) {
-            Some(Message::Reply { id, body }) => replies.push((id, body)),
-            other => panic!("expected a reply, got {other:?}"),
-        }
-    }
+    let mut replies: Vec<_> = (0..=budget_reads).map(|_| read_reply(&mut peer)).collect();
     replies.sort_by_key(|(id, _)| *id);
     let mut expected: Vec<_> = (100..100 + budget_reads)
         .map(|id| (id, Err(UsbError::Cancelled)))
@@ -540,13 +534,7 @@ fn transfers_after_a_device_operation_wait_until_it_is_done() {
         Request::Submit(transfer(handle, zero::EP_IN, input(512))),
     ));
     peer.write_all(&burst).unwrap();
-    let mut replies = Vec::new();
-    for _ in 0..2 {
-        match read_message(&mut peer) {
-            Some(Message::Reply { id, body }) => replies.push((id, body)),
-            other => panic!("expected a reply, got {other:?}"),
-        }
-    }
+    let replies = [read_reply(&mut peer), read_reply(&mut peer)];
     assert_eq!(replies[0], (4, Ok(Reply::Done)));
     match &replies[1] {
         (5, Ok(Reply::Transferred(read))) => assert_eq!(read.actual_length, 512),

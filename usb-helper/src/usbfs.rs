@@ -490,11 +490,9 @@ impl ControlQueue {
             }
             return ControlCancel::Stopped;
         }
-        match self.queued.iter().position(|(_, reply)| reply.id == id) {
-            Some(index) => match self.queued.remove(index) {
-                Some((_, reply)) => ControlCancel::TakenOut(reply),
-                None => ControlCancel::NotHere,
-            },
+        let index = self.queued.iter().position(|(_, reply)| reply.id == id);
+        match index.and_then(|index| self.queued.remove(index)) {
+            Some((_, reply)) => ControlCancel::TakenOut(reply),
             None => ControlCancel::NotHere,
         }
     }
