@@ -859,6 +859,95 @@ fn unplug_fails_pending_transfers_and_replug_announces_the_device() {
 }
 
 #[test]
+fn a_connection_that_missed_a_replug_is_told_once_it_catches_up() {
+    with_helper_link("", None, async |helper, replugger, events| {
+        // A peer that asks and does not read: its connection stalls on
+        // replies it cannot send and stops taking hotplug events.
+        let mut stalled = greeted_by_hand(&helper.socket);
+        let mut flood = stalled.try_clone().unwrap();
+        const REQUESTS: u64 = 20_000;
+        let writer = std::thread::spawn(move || {
+            for id in 1..=REQUESTS {
+                flood
+                    .write_all(&request_frame(id, Request::ListDevices))
+                    .unwrap();
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        // Meanwhile the Gadget Zero is unplugged and plugged in again, more
+        // often than the stalled connection's event queue holds.
+        let before = usb::find(replugger, ZERO.0, ZERO.1).await;
+        for _ in 0..40 {
+            let (_, handle) = open_sim(replugger, ZERO).await;
+            vendor_command(replugger, handle, zero::control::UNPLUG, 1).await;
+            loop {
+                if let Event::DeviceArrived(_) =
+                    usb::next_event(events, Duration::from_secs(5)).await
+                {
+                    break;
+                }
+            }
+        }
+        let after = usb::find(replugger, ZERO.0, ZERO.1).await;
+        assert_ne!(
+            before.address, after.address,
+            "every replug is a new address"
+        );
+
+        // Read everything: the stalled peer learns of the replug exactly
+        // once, with the device's current address.
+        let told = tokio::task::spawn_blocking(move || {
+            stalled
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut replies = 0;
+            let mut told = Vec::new();
+            while replies < REQUESTS {
+                match read_message(&mut stalled) {
+                    Some(Message::Reply {
+                        body: Ok(Reply::Devices(_)),
+                        ..
+                    }) => replies += 1,
+                    Some(Message::Event(event)) => told.push(event),
+                    other => panic!("{other:?}"),
+                }
+            }
+            stalled
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            while let Some(message) = read_message(&mut stalled) {
+                match message {
+                    Message::Event(event) => told.push(event),
+                    other => panic!("{other:?}"),
+                }
+            }
+            told
+        })
+        .await
+        .unwrap();
+        writer.join().unwrap();
+        let told: Vec<String> = told
+            .iter()
+            .map(|event| match event {
+                Event::DeviceLeft { key } => format!("{key} left"),
+                Event::DeviceArrived(device) => {
+                    format!("{} arrived at address {}", device.key, device.address)
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            told,
+            [
+                format!("{} left", before.key),
+                format!("{} arrived at address {}", after.key, after.address),
+            ]
+        );
+    });
+}
+
+#[test]
 fn cancel_cancels_one_transfer_and_spares_the_others() {
     with_helper_link("", None, async |_, link, _| {
         let handle = open_loopback(link).await;

@@ -12,11 +12,49 @@ use crate::sim::{SimBackend, SimDevice};
 use crate::transfer::ReplySink;
 use crate::usbfs::{UsbfsBackend, UsbfsDevice};
 
-/// A device appeared or disappeared.
+/// A device appeared or disappeared. Both carry the device as it was
+/// seen, so a listener can tell which plug-in of a key an event is about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendEvent {
     Arrived(DeviceInfo),
-    Left(DeviceKey),
+    Left(DeviceInfo),
+}
+
+/// One plug-in of a device. The stable key outlives an unplug and replug on
+/// purpose (clients find the device again by it); the bus address does not,
+/// as the kernel numbers every enumeration anew. A handle opened on one
+/// plug-in is dead on the next, so a replug must reach its holder as the
+/// device leaving and arriving, even when nobody saw it happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlugIn {
+    bus: u8,
+    address: u8,
+}
+
+impl PlugIn {
+    /// The plug-in `device` describes.
+    pub fn of(device: &DeviceInfo) -> PlugIn {
+        PlugIn {
+            bus: device.bus_number,
+            address: device.address,
+        }
+    }
+}
+
+/// The events that take a listener from the devices `known` to the devices
+/// `now`: departures first, so a device plugged in again between two looks
+/// leaves before it arrives.
+pub fn hotplug_changes(known: &[DeviceInfo], now: &[DeviceInfo]) -> Vec<BackendEvent> {
+    let same = |a: &DeviceInfo, b: &DeviceInfo| a.key == b.key && PlugIn::of(a) == PlugIn::of(b);
+    let left = known
+        .iter()
+        .filter(|k| !now.iter().any(|n| same(k, n)))
+        .map(|k| BackendEvent::Left(k.clone()));
+    let arrived = now
+        .iter()
+        .filter(|n| !known.iter().any(|k| same(k, n)))
+        .map(|n| BackendEvent::Arrived(n.clone()));
+    left.chain(arrived).collect()
 }
 
 /// How long the backend's USB thread may take to answer a liveness check.
@@ -169,5 +207,39 @@ impl Device {
             Device::Sim(d) => d.close().await,
             Device::Usbfs(d) => d.close().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{keyboard, zero};
+
+    #[test]
+    fn a_replug_between_two_looks_leaves_before_it_arrives() {
+        let (zero_before, keyboard) = (zero::device_info(2), keyboard::device_info(3));
+        let zero_after = zero::device_info(4);
+        assert_eq!(zero_before.key, zero_after.key, "a replug keeps the key");
+        let known = [zero_before.clone(), keyboard.clone()];
+        assert_eq!(
+            hotplug_changes(&known, &[keyboard.clone(), zero_after.clone()]),
+            vec![
+                BackendEvent::Left(zero_before.clone()),
+                BackendEvent::Arrived(zero_after),
+            ]
+        );
+        assert_eq!(
+            hotplug_changes(&known, &[keyboard.clone(), zero_before.clone()]),
+            vec![],
+            "the same plug-in in another order is no change"
+        );
+        assert_eq!(
+            hotplug_changes(&known, &[zero_before]),
+            vec![BackendEvent::Left(keyboard.clone())]
+        );
+        assert_eq!(
+            hotplug_changes(&[], std::slice::from_ref(&keyboard)),
+            vec![BackendEvent::Arrived(keyboard)]
+        );
     }
 }

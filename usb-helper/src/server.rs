@@ -3,7 +3,7 @@
 //! credentials before a byte is read, speaks the common vocabulary, and owns
 //! the devices it opened: when it drops, they are closed and given back.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendEvent, Device};
+use crate::backend::{Backend, BackendEvent, Device, PlugIn};
 use crate::transfer::{Outgoing, ReplySink};
 
 /// Program name sent in the hello.
@@ -203,9 +203,10 @@ struct Connection<'a> {
     outgoing: mpsc::Sender<Outgoing>,
     devices: HashMap<Handle, Arc<Device>>,
     next_handle: Handle,
-    /// Devices announced to this peer, so `DeviceLeft` goes only where
-    /// `DeviceArrived` went.
-    announced: HashSet<DeviceKey>,
+    /// Devices announced to this peer, and which plug-in of each: so
+    /// `DeviceLeft` goes only where `DeviceArrived` went, and a replug the
+    /// peer has not been told of yet is still told.
+    announced: HashMap<DeviceKey, PlugIn>,
     budget: Arc<Semaphore>,
     /// Submits waiting for budget, in arrival order (device operations too,
     /// so they keep their place). The connection keeps reading meanwhile, so
@@ -293,8 +294,8 @@ impl<'a> Connection<'a> {
             next_handle: 1,
             announced: helper
                 .visible_devices()
-                .into_iter()
-                .map(|d| d.key)
+                .iter()
+                .map(|d| (d.key.clone(), PlugIn::of(d)))
                 .collect(),
             budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)),
             waiting: VecDeque::new(),
@@ -365,7 +366,12 @@ impl<'a> Connection<'a> {
                 },
                 event = next_hotplug(&mut hotplug, id) => match event {
                     Some(event) => conn.hotplug(event).await,
-                    None => conn.catch_up().await,
+                    None => {
+                        // The events still queued are older than the
+                        // catch-up: replayed after it, they would undo it.
+                        hotplug = hotplug.resubscribe();
+                        conn.catch_up().await;
+                    }
                 },
                 _ = writer_closed.cancelled() => break "peer stopped reading".to_string(),
                 _ = shutdown.cancelled() => {
@@ -619,55 +625,82 @@ impl<'a> Connection<'a> {
 
     async fn hotplug(&mut self, event: BackendEvent) {
         match event {
-            BackendEvent::Arrived(device) if self.helper.visible(&device) => {
-                if !self.announced.insert(device.key.clone()) {
-                    // Already announced (a catch-up ran ahead of this event).
-                    return;
-                }
-                let _ = self
-                    .outgoing
-                    .try_send(Message::Event(Event::DeviceArrived(device)).into());
-            }
-            BackendEvent::Arrived(_) => {}
-            BackendEvent::Left(key) => {
-                let stale: Vec<Handle> = self
-                    .devices
-                    .iter()
-                    .filter(|(_, d)| d.info().key == key)
-                    .map(|(h, _)| *h)
-                    .collect();
-                for handle in stale {
-                    if let Some(device) = self.devices.remove(&handle) {
-                        self.fail_waiting(&device).await;
-                        self.release(&device).await;
-                    }
-                }
-                if self.announced.remove(&key) {
-                    let _ = self
-                        .outgoing
-                        .try_send(Message::Event(Event::DeviceLeft { key }).into());
-                }
-            }
+            BackendEvent::Arrived(device) => self.arrived(device).await,
+            BackendEvent::Left(device) => self.left(&device.key, PlugIn::of(&device)).await,
         }
     }
 
-    /// After missed hotplug events: devices announced but gone leave (and
-    /// are released if held), devices there but not announced arrive.
+    /// Announces a device, unless the ceiling hides it or this plug-in is
+    /// announced already (a catch-up ran ahead of the event). Another
+    /// plug-in under the same key means its departure went unseen: that one
+    /// leaves first.
+    async fn arrived(&mut self, device: DeviceInfo) {
+        if !self.helper.visible(&device) {
+            return;
+        }
+        let plug_in = PlugIn::of(&device);
+        match self.announced.get(&device.key) {
+            Some(announced) if *announced == plug_in => return,
+            Some(&earlier) => self.left(&device.key.clone(), earlier).await,
+            None => {}
+        }
+        self.announced.insert(device.key.clone(), plug_in);
+        self.send_event(Event::DeviceArrived(device)).await;
+    }
+
+    /// Takes back the announcement of this plug-in and releases what the
+    /// peer held of it. An event about a plug-in that is not the announced
+    /// one is old news and changes nothing.
+    async fn left(&mut self, key: &DeviceKey, plug_in: PlugIn) {
+        if self.announced.get(key) != Some(&plug_in) {
+            return;
+        }
+        self.announced.remove(key);
+        let stale: Vec<Handle> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.info().key == *key)
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in stale {
+            if let Some(device) = self.devices.remove(&handle) {
+                self.fail_waiting(&device).await;
+                self.release(&device).await;
+            }
+        }
+        self.send_event(Event::DeviceLeft { key: key.clone() })
+            .await;
+    }
+
+    /// Queues an event, waiting for room as replies do: a dropped event
+    /// would leave the peer's device table wrong for good.
+    async fn send_event(&self, event: Event) {
+        tokio::select! {
+            _ = self.outgoing.send(Message::Event(event).into()) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+    }
+
+    /// After missed hotplug events: plug-ins announced but gone leave (and
+    /// are released if held), plug-ins there but not announced arrive. A
+    /// device replugged meanwhile is both.
     async fn catch_up(&mut self) {
         let present = self.helper.visible_devices();
-        let gone: Vec<DeviceKey> = self
+        let gone: Vec<(DeviceKey, PlugIn)> = self
             .announced
             .iter()
-            .filter(|key| !present.iter().any(|d| d.key == **key))
-            .cloned()
+            .filter(|(key, plug_in)| {
+                !present
+                    .iter()
+                    .any(|d| d.key == **key && PlugIn::of(d) == **plug_in)
+            })
+            .map(|(key, plug_in)| (key.clone(), *plug_in))
             .collect();
-        for key in gone {
-            self.hotplug(BackendEvent::Left(key)).await;
+        for (key, plug_in) in gone {
+            self.left(&key, plug_in).await;
         }
         for device in present {
-            if !self.announced.contains(&device.key) {
-                self.hotplug(BackendEvent::Arrived(device)).await;
-            }
+            self.arrived(device).await;
         }
     }
 

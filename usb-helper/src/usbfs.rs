@@ -40,7 +40,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::backend::{BackendError, BackendEvent, HEALTH_TIMEOUT};
+use crate::backend::{BackendError, BackendEvent, HEALTH_TIMEOUT, hotplug_changes};
 use crate::transfer::{self, ReplySink};
 
 /// How often the device list is re-read even without hotplug events (udevd
@@ -274,19 +274,18 @@ async fn watch_loop(
         }
         let now = tokio::task::spawn_blocking(scan).await.unwrap_or_default();
         let mut known = found.lock().expect("found lock");
-        for gone in known
-            .iter()
-            .filter(|k| !now.iter().any(|n| n.info.key == k.info.key))
-        {
-            tracing::info!(device = %gone.info.key, "device left");
-            let _ = events.send(BackendEvent::Left(gone.info.key.clone()));
-        }
-        for new in now
-            .iter()
-            .filter(|n| !known.iter().any(|k| k.info.key == n.info.key))
-        {
-            tracing::info!(device = %new.info.key, product = new.info.display_name(), "device arrived");
-            let _ = events.send(BackendEvent::Arrived(new.info.clone()));
+        let before: Vec<DeviceInfo> = known.iter().map(|f| f.info.clone()).collect();
+        let after: Vec<DeviceInfo> = now.iter().map(|f| f.info.clone()).collect();
+        for change in hotplug_changes(&before, &after) {
+            match &change {
+                BackendEvent::Left(gone) => {
+                    tracing::info!(device = %gone.key, address = gone.address, "device left")
+                }
+                BackendEvent::Arrived(new) => {
+                    tracing::info!(device = %new.key, address = new.address, product = new.display_name(), "device arrived")
+                }
+            }
+            let _ = events.send(change);
         }
         *known = now;
     }

@@ -5,7 +5,8 @@
 #     reader gets an answer (data or an I/O error, never a hang), the client re-attaches.
 #  B. SIGSTOP of the agent: the watchdog (shortened to 5 s by a drop-in) restarts it.
 #  C. hot-unplug of the stick mid-transfer: pending transfers fail, the client detaches
-#     cleanly, and attaches again when the stick is plugged back.
+#     cleanly, and attaches again when the stick is plugged back; and again after an
+#     unplug and plug-in back to back.
 #  D. `systemctl stop p2p-usb-server.target` while attached: done within 10 s, and the
 #     stick is back on its local kernel driver; once the target is started again, the
 #     client (still running) attaches the stick again by itself.
@@ -136,6 +137,36 @@ v=$(wait_for 90 "C: client re-attached after plug" vhci_busid "$VM_STICK_VIDPID"
 vdev=$(wait_for 60 "block device of re-attached $v" usb_blockdev "$v")
 expect_stick_sha256 "$vdev"
 log "C: re-attached after plug; all bytes right"
+
+# An unplug and a plug-in that the helper does not see apart: held still (SIGSTOP) while
+# they happen, its one look at the bus afterwards finds the stick back under the same
+# stable key. It is a new device with a new address all the same, and the old handle is
+# dead: the client must see it leave and arrive, and attach it again.
+log "C: unplug and plug back while the helper cannot look"
+# lines_in_attach_log PATTERN: how many lines of attach C's log match.
+lines_in_attach_log() { grep -c "$1" "$(attach_log C)" || true; }
+# more_in_attach_log PATTERN N: more than N lines match now.
+more_in_attach_log() { [ "$(lines_in_attach_log "$1")" -gt "$2" ]; }
+lefts=$(lines_in_attach_log "left the server")
+attaches=$(lines_in_attach_log "^attached .* at vhci port")
+address=$(cat "/sys/bus/usb/devices/$stick/devnum")
+hpid=$(main_pid p2p-usb-helper.service)
+kill -STOP "$hpid"
+on_exit "kill -CONT $hpid 2>/dev/null || true"
+vmctl unplug stick
+vmctl plug stick
+stick=$(wait_for 30 "C: stick plugged back" usb_busid "$VM_STICK_VIDPID")
+wait_for 30 "C: stick a disk again" usb_blockdev "$stick" >/dev/null
+kill -CONT "$hpid"
+log "C: stick back as $stick, address $address -> $(cat "/sys/bus/usb/devices/$stick/devnum"); helper resumed"
+wait_for 60 "C: client told the stick left" more_in_attach_log "left the server" "$lefts" ||
+  { show_attach C; fail "C: the client never heard of the quick replug"; }
+wait_for 90 "C: client attached the new plug-in" more_in_attach_log "^attached .* at vhci port" "$attaches" ||
+  { show_attach C; fail "C: no re-attach after the quick replug"; }
+v=$(wait_vhci "$VM_STICK_VIDPID" 60)
+vdev=$(wait_for 60 "block device of re-attached $v" usb_blockdev "$v")
+expect_stick_sha256 "$vdev"
+log "C: re-attached after the quick replug; all bytes right"
 
 # === D. stop the target while attached =================================================
 log "D: systemctl stop p2p-usb-server.target while attached"

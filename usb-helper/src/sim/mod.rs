@@ -710,9 +710,9 @@ impl Bus {
                 unit.opened_by = None;
                 unit.replug_at = Some(Instant::now() + Duration::from_millis(ms));
                 unit.fail_pending(UsbError::NoDevice, None);
-                let key = unit.info().key;
-                tracing::info!(device = %key, "simulated unplug");
-                let _ = self.events.send(BackendEvent::Left(key));
+                let gone = unit.info();
+                tracing::info!(device = %gone.key, "simulated unplug");
+                let _ = self.events.send(BackendEvent::Left(gone));
                 self.publish();
             }
         }
