@@ -860,25 +860,57 @@ fn unplug_fails_pending_transfers_and_replug_announces_the_device() {
 
 #[test]
 fn a_connection_that_missed_a_replug_is_told_once_it_catches_up() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     with_helper_link("", None, async |helper, replugger, events| {
-        // A peer that asks and does not read: its connection stalls on
-        // replies it cannot send and stops taking hotplug events.
+        // A peer that asks and does not read: once the socket is full both
+        // ways, its connection waits to send a reply, takes no hotplug
+        // events and stops reading requests. Requests are sent until they
+        // stop going out.
         let mut stalled = greeted_by_hand(&helper.socket);
         let mut flood = stalled.try_clone().unwrap();
-        const REQUESTS: u64 = 20_000;
-        let writer = std::thread::spawn(move || {
-            for id in 1..=REQUESTS {
+        let (sent, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        // The last request, sent once told to stop, has its own id: its
+        // reply is the last one.
+        const LAST: u64 = u64::MAX;
+        let writer = std::thread::spawn({
+            let (sent, stop) = (sent.clone(), stop.clone());
+            move || {
+                let mut id = 0;
+                while !stop.load(Ordering::Acquire) {
+                    id += 1;
+                    flood
+                        .write_all(&request_frame(id, Request::ListDevices))
+                        .unwrap();
+                    sent.store(id, Ordering::Release);
+                }
                 flood
-                    .write_all(&request_frame(id, Request::ListDevices))
+                    .write_all(&request_frame(LAST, Request::ListDevices))
                     .unwrap();
             }
         });
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut last = 0;
+        let mut still_since = Instant::now();
+        while still_since.elapsed() < Duration::from_millis(500) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = sent.load(Ordering::Acquire);
+            if now != last {
+                (last, still_since) = (now, Instant::now());
+            }
+            assert!(
+                last < 2_000_000,
+                "the helper kept reading a peer that does not read"
+            );
+        }
 
         // Meanwhile the Gadget Zero is unplugged and plugged in again, more
         // often than the stalled connection's event queue holds.
         let before = usb::find(replugger, ZERO.0, ZERO.1).await;
-        for _ in 0..40 {
+        let replugs = p2p_usb_helper::backend::HOTPLUG_QUEUE / 2 + 8;
+        for _ in 0..replugs {
             let (_, handle) = open_sim(replugger, ZERO).await;
             vendor_command(replugger, handle, zero::control::UNPLUG, 1).await;
             loop {
@@ -897,22 +929,27 @@ fn a_connection_that_missed_a_replug_is_told_once_it_catches_up() {
 
         // Read everything: the stalled peer learns of the replug exactly
         // once, with the device's current address.
-        let told = tokio::task::spawn_blocking(move || {
+        stop.store(true, Ordering::Release);
+        let reader = tokio::task::spawn_blocking(move || {
             stalled
                 .set_read_timeout(Some(Duration::from_secs(30)))
                 .unwrap();
-            let mut replies = 0;
             let mut told = Vec::new();
-            while replies < REQUESTS {
+            loop {
                 match read_message(&mut stalled) {
                     Some(Message::Reply {
+                        id,
                         body: Ok(Reply::Devices(_)),
-                        ..
-                    }) => replies += 1,
+                    }) => {
+                        if id == LAST {
+                            break;
+                        }
+                    }
                     Some(Message::Event(event)) => told.push(event),
                     other => panic!("{other:?}"),
                 }
             }
+            writer.join().unwrap();
             stalled
                 .set_read_timeout(Some(Duration::from_millis(500)))
                 .unwrap();
@@ -923,10 +960,8 @@ fn a_connection_that_missed_a_replug_is_told_once_it_catches_up() {
                 }
             }
             told
-        })
-        .await
-        .unwrap();
-        writer.join().unwrap();
+        });
+        let told = reader.await.unwrap();
         let told: Vec<String> = told
             .iter()
             .map(|event| match event {

@@ -24,7 +24,9 @@ pub enum BackendEvent {
 /// purpose (clients find the device again by it); the bus address does not,
 /// as the kernel numbers every enumeration anew. A handle opened on one
 /// plug-in is dead on the next, so a replug must reach its holder as the
-/// device leaving and arriving, even when nobody saw it happen.
+/// device leaving and arriving, even when nobody saw it happen. (Addresses
+/// run from 1 to 127 and wrap: a replug unseen that lands on the very
+/// address it had is missed.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlugIn {
     bus: u8,
@@ -56,6 +58,10 @@ pub fn hotplug_changes(known: &[DeviceInfo], now: &[DeviceInfo]) -> Vec<BackendE
         .map(|n| BackendEvent::Arrived(n.clone()));
     left.chain(arrived).collect()
 }
+
+/// Hotplug events kept for a connection that is slow to take them. One that
+/// falls further behind catches up from the device listing instead.
+pub const HOTPLUG_QUEUE: usize = 64;
 
 /// How long the backend's USB thread may take to answer a liveness check.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);

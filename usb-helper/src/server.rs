@@ -631,49 +631,80 @@ impl<'a> Connection<'a> {
     }
 
     /// Announces a device, unless the ceiling hides it or this plug-in is
-    /// announced already (a catch-up ran ahead of the event). Another
-    /// plug-in under the same key means its departure went unseen: that one
-    /// leaves first.
+    /// announced already (a catch-up ran ahead of the event). Any other
+    /// plug-in under the same key is gone, seen leaving or not: what the
+    /// peer held of it is released, and it leaves before this one arrives.
     async fn arrived(&mut self, device: DeviceInfo) {
         if !self.helper.visible(&device) {
             return;
         }
         let plug_in = PlugIn::of(&device);
-        match self.announced.get(&device.key) {
-            Some(announced) if *announced == plug_in => return,
-            Some(&earlier) => self.left(&device.key.clone(), earlier).await,
-            None => {}
+        let earlier: Vec<PlugIn> = self
+            .held_plug_ins()
+            .into_iter()
+            .chain(
+                self.announced
+                    .get(&device.key)
+                    .map(|p| (device.key.clone(), *p)),
+            )
+            .filter(|(key, held)| *key == device.key && *held != plug_in)
+            .map(|(_, held)| held)
+            .collect();
+        for gone in earlier {
+            self.left(&device.key, gone).await;
+        }
+        if self.announced.get(&device.key) == Some(&plug_in) {
+            return;
         }
         self.announced.insert(device.key.clone(), plug_in);
         self.send_event(Event::DeviceArrived(device)).await;
     }
 
-    /// Takes back the announcement of this plug-in and releases what the
-    /// peer held of it. An event about a plug-in that is not the announced
-    /// one is old news and changes nothing.
+    /// Releases what the peer held of this plug-in and tells the peer the
+    /// device left, if it was announced or held. A handle is matched by its
+    /// plug-in, so late news of an earlier plug-in spares a handle on the
+    /// current one.
     async fn left(&mut self, key: &DeviceKey, plug_in: PlugIn) {
-        if self.announced.get(key) != Some(&plug_in) {
-            return;
-        }
-        self.announced.remove(key);
         let stale: Vec<Handle> = self
             .devices
             .iter()
-            .filter(|(_, d)| d.info().key == *key)
+            .filter(|(_, d)| {
+                let info = d.info();
+                info.key == *key && PlugIn::of(&info) == plug_in
+            })
             .map(|(h, _)| *h)
             .collect();
+        let held = !stale.is_empty();
         for handle in stale {
             if let Some(device) = self.devices.remove(&handle) {
                 self.fail_waiting(&device).await;
                 self.release(&device).await;
             }
         }
-        self.send_event(Event::DeviceLeft { key: key.clone() })
-            .await;
+        let announced = self.announced.get(key) == Some(&plug_in);
+        if announced {
+            self.announced.remove(key);
+        }
+        if announced || held {
+            self.send_event(Event::DeviceLeft { key: key.clone() })
+                .await;
+        }
     }
 
-    /// Queues an event, waiting for room as replies do: a dropped event
-    /// would leave the peer's device table wrong for good.
+    /// The plug-ins of the devices the peer holds open.
+    fn held_plug_ins(&self) -> Vec<(DeviceKey, PlugIn)> {
+        self.devices
+            .values()
+            .map(|d| {
+                let info = d.info();
+                (info.key.clone(), PlugIn::of(&info))
+            })
+            .collect()
+    }
+
+    /// Queues an event, waiting for room as replies do: dropped, it would
+    /// leave the peer's device table wrong until the peer lists the
+    /// devices again.
     async fn send_event(&self, event: Event) {
         tokio::select! {
             _ = self.outgoing.send(Message::Event(event).into()) => {}
@@ -681,20 +712,21 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// After missed hotplug events: plug-ins announced but gone leave (and
-    /// are released if held), plug-ins there but not announced arrive. A
+    /// After missed hotplug events: plug-ins announced or held but gone
+    /// leave (and are released), plug-ins there but not announced arrive. A
     /// device replugged meanwhile is both.
     async fn catch_up(&mut self) {
         let present = self.helper.visible_devices();
         let gone: Vec<(DeviceKey, PlugIn)> = self
             .announced
             .iter()
+            .map(|(key, plug_in)| (key.clone(), *plug_in))
+            .chain(self.held_plug_ins())
             .filter(|(key, plug_in)| {
                 !present
                     .iter()
-                    .any(|d| d.key == **key && PlugIn::of(d) == **plug_in)
+                    .any(|d| d.key == *key && PlugIn::of(d) == *plug_in)
             })
-            .map(|(key, plug_in)| (key.clone(), *plug_in))
             .collect();
         for (key, plug_in) in gone {
             self.left(&key, plug_in).await;

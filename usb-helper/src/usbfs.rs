@@ -40,7 +40,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::backend::{BackendError, BackendEvent, HEALTH_TIMEOUT, hotplug_changes};
+use crate::backend::{BackendError, BackendEvent, HEALTH_TIMEOUT, HOTPLUG_QUEUE, hotplug_changes};
 use crate::transfer::{self, ReplySink};
 
 /// How often the device list is re-read even without hotplug events (udevd
@@ -67,7 +67,7 @@ impl UsbfsBackend {
     /// Scans the bus and starts watching for hotplug. Must run inside the
     /// tokio runtime.
     pub fn start() -> Result<UsbfsBackend, BackendError> {
-        let (events, _) = broadcast::channel(64);
+        let (events, _) = broadcast::channel(HOTPLUG_QUEUE);
         let watch = match nusb::watch_devices() {
             Ok(watch) => Some(watch),
             Err(e) => {
@@ -273,9 +273,11 @@ async fn watch_loop(
             _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
         }
         let now = tokio::task::spawn_blocking(scan).await.unwrap_or_default();
+        let after: Vec<DeviceInfo> = now.iter().map(|f| f.info.clone()).collect();
+        // Events go out under the lock, after which the listing says the
+        // same: a connection catching up reads the listing.
         let mut known = found.lock().expect("found lock");
         let before: Vec<DeviceInfo> = known.iter().map(|f| f.info.clone()).collect();
-        let after: Vec<DeviceInfo> = now.iter().map(|f| f.info.clone()).collect();
         for change in hotplug_changes(&before, &after) {
             match &change {
                 BackendEvent::Left(gone) => {

@@ -28,7 +28,7 @@ use p2p_usb_common::proto::{
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::time::Instant;
 
-use crate::backend::{BackendEvent, HEALTH_TIMEOUT};
+use crate::backend::{BackendEvent, HEALTH_TIMEOUT, HOTPLUG_QUEUE};
 use crate::transfer::{self, ReplySink};
 
 /// Side effects a vendor request asks of the simulator.
@@ -95,7 +95,7 @@ impl SimBackend {
     /// Plugs in the configured devices and starts the clock task. Must run
     /// inside the tokio runtime.
     pub fn start(config: &SimSection) -> SimBackend {
-        let (events, _) = broadcast::channel(64);
+        let (events, _) = broadcast::channel(HOTPLUG_QUEUE);
         let snapshot = Arc::new(Mutex::new(Vec::new()));
         let mut bus = Bus {
             units: Vec::new(),
@@ -588,16 +588,20 @@ impl Bus {
             tracing::warn!("simulated USB thread hangs for {duration:?}");
             std::thread::sleep(duration);
         }
-        let mut changed = false;
+        let mut arrived = Vec::new();
         for i in 0..self.units.len() {
             if self.units[i].replug_at.is_some_and(|at| at <= now) {
-                self.replug(i);
-                changed = true;
+                arrived.push(self.replug(i));
             }
             self.units[i].pump(now);
         }
-        if changed {
+        if !arrived.is_empty() {
+            // The listing first: a connection that missed events reads it to
+            // catch up, and must find there what the events say.
             self.publish();
+            for info in arrived {
+                let _ = self.events.send(BackendEvent::Arrived(info));
+            }
         }
     }
 
@@ -712,13 +716,15 @@ impl Bus {
                 unit.fail_pending(UsbError::NoDevice, None);
                 let gone = unit.info();
                 tracing::info!(device = %gone.key, "simulated unplug");
-                let _ = self.events.send(BackendEvent::Left(gone));
                 self.publish();
+                let _ = self.events.send(BackendEvent::Left(gone));
             }
         }
     }
 
-    fn replug(&mut self, index: usize) {
+    /// Plugs a unit in again as a new device; its listing, to announce once
+    /// published.
+    fn replug(&mut self, index: usize) -> DeviceInfo {
         let address = self.take_address();
         let base_delay = self.base_delay;
         let unit = &mut self.units[index];
@@ -731,7 +737,7 @@ impl Bus {
         unit.behaviour.reset();
         unit.delay = base_delay;
         tracing::info!(device = %info.key, address, "simulated replug");
-        let _ = self.events.send(BackendEvent::Arrived(info));
+        info
     }
 
     fn set_configuration(&mut self, open: u64, value: u8) -> Result<(), UsbError> {
