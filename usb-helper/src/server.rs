@@ -681,11 +681,12 @@ impl<'a> Connection<'a> {
                 self.release(&device).await;
             }
         }
-        let announced = self.announced.get(key) == Some(&plug_in);
-        if announced {
+        // Whatever plug-in of the key was announced is the one held, if
+        // any: `arrived` lets go of held plug-ins before it announces
+        // another. Once told, the peer counts the key as gone, so a later
+        // arrival of the current plug-in is announced again.
+        if held || self.announced.get(key) == Some(&plug_in) {
             self.announced.remove(key);
-        }
-        if announced || held {
             self.send_event(Event::DeviceLeft { key: key.clone() })
                 .await;
         }
