@@ -46,6 +46,8 @@ use crate::transfer::{self, ReplySink};
 /// How often the device list is re-read even without hotplug events (udevd
 /// may be missing, e.g. in a container).
 const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// How soon the bus is looked at again after a device was caught in a reset.
+const RESET_SETTLE: Duration = Duration::from_millis(250);
 /// Control transfers without a timeout of their own end after this long, so a
 /// control transfer abandoned by a cancel cannot hold endpoint 0 forever.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -247,6 +249,7 @@ async fn watch_loop(
     found: Arc<Mutex<Vec<Found>>>,
     events: broadcast::Sender<BackendEvent>,
 ) {
+    let mut next_look = RESCAN_INTERVAL;
     loop {
         let hotplug = async {
             match watch.as_mut() {
@@ -270,27 +273,66 @@ async fn watch_loop(
                     uevents = None;
                 }
             },
-            _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
+            _ = tokio::time::sleep(next_look) => {}
         }
-        let now = tokio::task::spawn_blocking(scan).await.unwrap_or_default();
-        let after: Vec<DeviceInfo> = now.iter().map(|f| f.info.clone()).collect();
+        let scanned = tokio::task::spawn_blocking(scan).await.unwrap_or_default();
         // Events go out under the lock, after which the listing says the
         // same: a connection catching up reads the listing.
         let mut known = found.lock().expect("found lock");
+        let (now, resetting) = while_resetting(&known, scanned, |f| &f.info);
+        next_look = if resetting {
+            RESET_SETTLE
+        } else {
+            RESCAN_INTERVAL
+        };
         let before: Vec<DeviceInfo> = known.iter().map(|f| f.info.clone()).collect();
+        let after: Vec<DeviceInfo> = now.iter().map(|f| f.info.clone()).collect();
         for change in hotplug_changes(&before, &after) {
             match &change {
-                BackendEvent::Left(gone) => {
-                    tracing::info!(device = %gone.key, address = gone.address, "device left")
-                }
-                BackendEvent::Arrived(new) => {
-                    tracing::info!(device = %new.key, address = new.address, product = new.display_name(), "device arrived")
-                }
+                BackendEvent::Left(gone) => tracing::info!(
+                    "device left: {} (bus {} address {})",
+                    gone.key,
+                    gone.bus_number,
+                    gone.address
+                ),
+                BackendEvent::Arrived(new) => tracing::info!(
+                    "device arrived: {} (bus {} address {}): {}",
+                    new.key,
+                    new.bus_number,
+                    new.address,
+                    new.display_name()
+                ),
             }
             let _ = events.send(change);
         }
         *known = now;
     }
+}
+
+/// A device being reset (as every open here does) reads address 0 for a
+/// moment. That is not a new plug-in: such a device keeps its entry from
+/// `known` (and one not known yet waits for the next look). Also says
+/// whether any device was caught resetting, so the next look comes soon.
+fn while_resetting<T: Clone>(
+    known: &[T],
+    scanned: Vec<T>,
+    info: impl Fn(&T) -> &DeviceInfo,
+) -> (Vec<T>, bool) {
+    let mut resetting = false;
+    let now = scanned
+        .into_iter()
+        .filter_map(|device| {
+            if info(&device).address != 0 {
+                return Some(device);
+            }
+            resetting = true;
+            known
+                .iter()
+                .find(|k| info(k).key == info(&device).key)
+                .cloned()
+        })
+        .collect();
+    (now, resetting)
 }
 
 /// Builds the listing of a device from sysfs alone: no usbfs open, so
@@ -1565,6 +1607,29 @@ mod tests {
         let ids: Vec<RequestId> = queue.cancel_all().iter().map(|r| r.id).collect();
         assert_eq!(ids, [4]);
         assert!(queue.running.is_none());
+    }
+
+    #[test]
+    fn a_device_caught_in_a_reset_keeps_its_listing() {
+        use crate::sim::{keyboard, zero};
+        let known = [keyboard::device_info(2), zero::device_info(3)];
+        let (now, resetting) = while_resetting(
+            &known,
+            vec![keyboard::device_info(0), zero::device_info(3)],
+            |d| d,
+        );
+        assert!(resetting);
+        assert_eq!(now, known, "the keyboard in its reset is still itself");
+        let (now, resetting) = while_resetting(&known[1..], vec![keyboard::device_info(0)], |d| d);
+        assert!(resetting);
+        assert_eq!(
+            now,
+            vec![],
+            "a device seen first mid-reset waits for the next look"
+        );
+        let (now, resetting) = while_resetting(&known, vec![keyboard::device_info(5)], |d| d);
+        assert!(!resetting);
+        assert_eq!(now, vec![keyboard::device_info(5)]);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 #  B. SIGSTOP of the agent: the watchdog (shortened to 5 s by a drop-in) restarts it.
 #  C. hot-unplug of the stick mid-transfer: pending transfers fail, the client detaches
 #     cleanly, and attaches again when the stick is plugged back; and again after an
-#     unplug and plug-in back to back.
+#     unplug and plug-in the helper does not see apart (it is held still meanwhile).
 #  D. `systemctl stop p2p-usb-server.target` while attached: done within 10 s, and the
 #     stick is back on its local kernel driver; once the target is started again, the
 #     client (still running) attaches the stick again by itself.
