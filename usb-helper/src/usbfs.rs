@@ -46,7 +46,9 @@ use crate::transfer::{self, ReplySink};
 /// How often the device list is re-read even without hotplug events (udevd
 /// may be missing, e.g. in a container).
 const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
-/// How soon the bus is looked at again after a device was caught in a reset.
+/// How soon the bus is looked at again after a device was caught in a reset:
+/// a reset takes tens of milliseconds, so one more look usually finds it
+/// done, without rescanning the bus in a tight loop meanwhile.
 const RESET_SETTLE: Duration = Duration::from_millis(250);
 /// Control transfers without a timeout of their own end after this long, so a
 /// control transfer abandoned by a cancel cannot hold endpoint 0 forever.
@@ -84,8 +86,15 @@ impl UsbfsBackend {
                 None
             }
         };
-        let found = Arc::new(Mutex::new(scan()));
-        tokio::spawn(watch_loop(watch, uevents, found.clone(), events.clone()));
+        let (present, resetting) = while_resetting(&[], scan(), |f| &f.info);
+        let found = Arc::new(Mutex::new(present));
+        tokio::spawn(watch_loop(
+            watch,
+            uevents,
+            found.clone(),
+            events.clone(),
+            resetting,
+        ));
         Ok(UsbfsBackend { found, events })
     }
 
@@ -238,6 +247,9 @@ async fn next_usb_uevent(socket: &AsyncFd<OwnedFd>) -> std::io::Result<()> {
                 return Ok(());
             }
             Ok(Ok(_)) | Err(_) => continue,
+            // The kernel had more uevents than the socket holds (after the
+            // helper was held still, say): some were lost, so look now.
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),
             Ok(Err(e)) => return Err(e),
         }
     }
@@ -248,8 +260,13 @@ async fn watch_loop(
     mut uevents: Option<AsyncFd<OwnedFd>>,
     found: Arc<Mutex<Vec<Found>>>,
     events: broadcast::Sender<BackendEvent>,
+    resetting: bool,
 ) {
-    let mut next_look = RESCAN_INTERVAL;
+    let mut next_look = if resetting {
+        RESET_SETTLE
+    } else {
+        RESCAN_INTERVAL
+    };
     loop {
         let hotplug = async {
             match watch.as_mut() {
@@ -311,8 +328,11 @@ async fn watch_loop(
 
 /// A device being reset (as every open here does) reads address 0 for a
 /// moment. That is not a new plug-in: such a device keeps its entry from
-/// `known` (and one not known yet waits for the next look). Also says
-/// whether any device was caught resetting, so the next look comes soon.
+/// `known`, which still opens, as a reset gives the device its address
+/// back. One not known yet waits for the next look (its address-0 node
+/// cannot be opened); a new device shows address 0 only while something
+/// else resets it. Also says whether any device was caught resetting, so
+/// the next look comes soon.
 fn while_resetting<T: Clone>(
     known: &[T],
     scanned: Vec<T>,
