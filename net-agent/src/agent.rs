@@ -34,6 +34,11 @@ use crate::session;
 pub const READY_WAIT: Duration = Duration::from_secs(10);
 /// How long sessions get to wind down on stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a stopping agent leaves a client's connection open after its
+/// sessions told the client: the client has the notice once its transport
+/// acknowledged it, but reads it only when its task next runs, and closing
+/// the connection first would discard it unread.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Everything that stops the agent from serving.
 #[derive(Debug, thiserror::Error)]
@@ -438,6 +443,9 @@ async fn serve_connection(agent: Arc<Agent>, connection: Connection, address: St
         while sessions.join_next().await.is_some() {}
     })
     .await;
+    if code == close::SHUTDOWN {
+        let _ = tokio::time::timeout(CLOSE_GRACE, connection.closed()).await;
+    }
     connection.close(code.into(), reason);
     let mut clients = agent.clients.lock().expect("clients lock");
     if let Some(record) = clients.get_mut(&client) {
