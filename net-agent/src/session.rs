@@ -39,8 +39,9 @@ use crate::quic_writer::QuicWriter;
 /// count up from 1 and never reach them.
 const INTERNAL_IDS: RequestId = 1 << 63;
 
-/// How long a stopping session waits for the client to have read its last
-/// notice (the stream's end acknowledged).
+/// How long a stopping session waits for the client's transport to
+/// acknowledge its last notice (the stream's end); the agent then still
+/// leaves the connection open a moment for the client to read it.
 const FINISH_WAIT: Duration = Duration::from_secs(1);
 /// How long a stopping session gives its downstream to send that notice
 /// and finish: longer than [`FINISH_WAIT`], so the wait is never cut off
@@ -518,8 +519,8 @@ async fn helper_to_client<R: AsyncRead + Unpin>(
     }
 }
 
-/// Ends the stream and waits (briefly) until the client has read it all, so
-/// a closing connection does not swallow the last notice.
+/// Ends the stream and waits (briefly) until the client's transport has it
+/// all, so a closing connection does not swallow the last notice.
 async fn finish(mut to_client: Writer<QuicWriter>) {
     let _ = to_client.shutdown().await;
     let _ = tokio::time::timeout(FINISH_WAIT, to_client.get_mut().get_mut().stopped()).await;

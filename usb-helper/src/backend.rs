@@ -43,18 +43,34 @@ impl PlugIn {
     }
 }
 
+/// True if `device` is the plug-in `plug_in` of `key`.
+pub fn is_plug_in(device: &DeviceInfo, key: &DeviceKey, plug_in: PlugIn) -> bool {
+    device.key == *key && PlugIn::of(device) == plug_in
+}
+
 /// The events that take a listener from the devices `known` to the devices
-/// `now`: departures first, so a device plugged in again between two looks
-/// leaves before it arrives.
-pub fn hotplug_changes(known: &[DeviceInfo], now: &[DeviceInfo]) -> Vec<BackendEvent> {
-    let same = |a: &DeviceInfo, b: &DeviceInfo| a.key == b.key && PlugIn::of(a) == PlugIn::of(b);
+/// `now` (each seen through `info`, so a caller's own entries need no copy):
+/// departures first, so a device plugged in again between two looks leaves
+/// before it arrives.
+pub fn hotplug_changes<T>(
+    known: &[T],
+    now: &[T],
+    info: impl Fn(&T) -> &DeviceInfo,
+) -> Vec<BackendEvent> {
+    let missing_from = |list: &[T], device: &DeviceInfo| {
+        !list
+            .iter()
+            .any(|other| is_plug_in(info(other), &device.key, PlugIn::of(device)))
+    };
     let left = known
         .iter()
-        .filter(|k| !now.iter().any(|n| same(k, n)))
+        .map(&info)
+        .filter(|k| missing_from(now, k))
         .map(|k| BackendEvent::Left(k.clone()));
     let arrived = now
         .iter()
-        .filter(|n| !known.iter().any(|k| same(k, n)))
+        .map(&info)
+        .filter(|n| missing_from(known, n))
         .map(|n| BackendEvent::Arrived(n.clone()));
     left.chain(arrived).collect()
 }
@@ -228,23 +244,23 @@ mod tests {
         assert_eq!(zero_before.key, zero_after.key, "a replug keeps the key");
         let known = [zero_before.clone(), keyboard.clone()];
         assert_eq!(
-            hotplug_changes(&known, &[keyboard.clone(), zero_after.clone()]),
+            hotplug_changes(&known, &[keyboard.clone(), zero_after.clone()], |d| d),
             vec![
                 BackendEvent::Left(zero_before.clone()),
                 BackendEvent::Arrived(zero_after),
             ]
         );
         assert_eq!(
-            hotplug_changes(&known, &[keyboard.clone(), zero_before.clone()]),
+            hotplug_changes(&known, &[keyboard.clone(), zero_before.clone()], |d| d),
             vec![],
             "the same plug-in in another order is no change"
         );
         assert_eq!(
-            hotplug_changes(&known, &[zero_before]),
+            hotplug_changes(&known, &[zero_before], |d| d),
             vec![BackendEvent::Left(keyboard.clone())]
         );
         assert_eq!(
-            hotplug_changes(&[], std::slice::from_ref(&keyboard)),
+            hotplug_changes(&[], std::slice::from_ref(&keyboard), |d| d),
             vec![BackendEvent::Arrived(keyboard)]
         );
     }

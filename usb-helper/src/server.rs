@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendEvent, Device, PlugIn};
+use crate::backend::{Backend, BackendEvent, Device, PlugIn, is_plug_in};
 use crate::transfer::{Outgoing, ReplySink};
 
 /// Program name sent in the hello.
@@ -668,10 +668,7 @@ impl<'a> Connection<'a> {
         let stale: Vec<Handle> = self
             .devices
             .iter()
-            .filter(|(_, d)| {
-                let info = d.info();
-                info.key == *key && PlugIn::of(&info) == plug_in
-            })
+            .filter(|(_, d)| is_plug_in(&d.info(), key, plug_in))
             .map(|(h, _)| *h)
             .collect();
         let held = !stale.is_empty();
@@ -723,11 +720,7 @@ impl<'a> Connection<'a> {
             .iter()
             .map(|(key, plug_in)| (key.clone(), *plug_in))
             .chain(self.held_plug_ins())
-            .filter(|(key, plug_in)| {
-                !present
-                    .iter()
-                    .any(|d| d.key == *key && PlugIn::of(d) == *plug_in)
-            })
+            .filter(|(key, plug_in)| !present.iter().any(|d| is_plug_in(d, key, *plug_in)))
             .collect();
         for (key, plug_in) in gone {
             self.left(&key, plug_in).await;

@@ -262,11 +262,7 @@ async fn watch_loop(
     events: broadcast::Sender<BackendEvent>,
     resetting: bool,
 ) {
-    let mut next_look = if resetting {
-        RESET_SETTLE
-    } else {
-        RESCAN_INTERVAL
-    };
+    let mut next_look = next_look_after(resetting);
     loop {
         let hotplug = async {
             match watch.as_mut() {
@@ -297,14 +293,8 @@ async fn watch_loop(
         // same: a connection catching up reads the listing.
         let mut known = found.lock().expect("found lock");
         let (now, resetting) = while_resetting(&known, scanned, |f| &f.info);
-        next_look = if resetting {
-            RESET_SETTLE
-        } else {
-            RESCAN_INTERVAL
-        };
-        let before: Vec<DeviceInfo> = known.iter().map(|f| f.info.clone()).collect();
-        let after: Vec<DeviceInfo> = now.iter().map(|f| f.info.clone()).collect();
-        for change in hotplug_changes(&before, &after) {
+        next_look = next_look_after(resetting);
+        for change in hotplug_changes(&known, &now, |f| &f.info) {
             match &change {
                 BackendEvent::Left(gone) => tracing::info!(
                     "device left: {} (bus {} address {})",
@@ -323,6 +313,16 @@ async fn watch_loop(
             let _ = events.send(change);
         }
         *known = now;
+    }
+}
+
+/// How long the watch waits for a reason to look at the bus again: soon if
+/// the last look caught a device in a reset.
+fn next_look_after(resetting: bool) -> Duration {
+    if resetting {
+        RESET_SETTLE
+    } else {
+        RESCAN_INTERVAL
     }
 }
 
